@@ -1,0 +1,3 @@
+from meter.cli import main
+
+main()

@@ -1,0 +1,170 @@
+"""Composition root: the one place that knows every piece and wires them together.
+
+:func:`create_app` turns a :class:`~meter.settings.Settings` into an ASGI application:
+
+* paths that are meter's own (``/healthz``, ``/readyz``, ``/metrics``, ``/admin/...``) and the ASGI
+  lifespan go to a litestar app;
+* every other HTTP request goes straight to :class:`~meter.proxy.Proxy` (the hot path skips litestar's
+  routing and middleware stack).
+
+Start-up (lifespan): migrate SQLite, open the database engine, start the batch writer, open the
+upstream pool. Shutdown: close the upstream pool, then flush the writer (the ASGI server has already
+let in-flight requests finish within the grace period).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from litestar import Litestar
+from litestar.exceptions import HTTPException
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import SwaggerRenderPlugin
+from prometheus_client import CollectorRegistry, Gauge
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from meter import __version__
+from meter.admin import admin_router, http_error_handler, meter_error_handler
+from meter.db.engine import create_engine, ping
+from meter.db.migrate import upgrade
+from meter.db.writer import BatchWriter
+from meter.errors import MeterError
+from meter.forward import Upstream, create_upstream
+from meter.health import ROUTES as HEALTH_ROUTES
+from meter.health import ReadinessProbe
+from meter.identity import KeyFingerprinter, load_key_secret
+from meter.metrics import ProxyMetrics
+from meter.proxy import Proxy
+from meter.records import UsageRecord
+from meter.settings import Settings
+
+log = logging.getLogger("meter")
+
+OWN_PATHS = ("/healthz", "/readyz", "/metrics")
+OWN_PREFIXES = ("/admin/",)
+
+
+def is_own_path(path: str) -> bool:
+    return path in OWN_PATHS or path.startswith(OWN_PREFIXES) or path == "/admin"
+
+
+@dataclass
+class Runtime:
+    """What the running app holds; tests reach in here to wait on the writer or read metrics."""
+
+    settings: Settings
+    registry: CollectorRegistry
+    metrics: ProxyMetrics
+    upstream: Upstream
+    fingerprinter: KeyFingerprinter
+    engine: AsyncEngine | None = None
+    writer: BatchWriter | None = None
+    extra_sinks: list[Any] = field(default_factory=list)
+
+    def emit(self, record: UsageRecord) -> None:
+        # Billing data first: a failing telemetry sink must never cost a record.
+        if self.writer is not None:
+            self.writer.submit(record)
+        for sink in (self.metrics.observe, *self.extra_sinks):
+            try:
+                sink(record)
+            except Exception:
+                log.exception("usage sink %r failed", sink)
+
+
+class MeterApp:
+    """The ASGI application: dispatches to the proxy or to litestar."""
+
+    def __init__(self, runtime: Runtime, litestar: Litestar, proxy: Proxy) -> None:
+        self.runtime = runtime
+        self.litestar = litestar
+        self.proxy = proxy
+        self._inflight = runtime.metrics.inflight
+        self._endpoint_label = runtime.metrics.endpoint_label
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or is_own_path(scope["path"]):
+            await self.litestar(scope, receive, send)  # type: ignore[arg-type]
+            return
+        gauge = self._inflight.labels(self._endpoint_label(scope["path"]))
+        gauge.inc()
+        try:
+            await self.proxy(scope, receive, send)
+        finally:
+            gauge.dec()
+
+
+def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> MeterApp:
+    registry = registry if registry is not None else CollectorRegistry()
+    metrics = ProxyMetrics(registry)
+    upstream = create_upstream(
+        settings.upstream_client,
+        connect_timeout=settings.upstream_connect_timeout,
+        read_timeout=settings.upstream_read_timeout,
+        max_connections=settings.upstream_max_connections,
+    )
+    runtime = Runtime(
+        settings=settings,
+        registry=registry,
+        metrics=metrics,
+        upstream=upstream,
+        fingerprinter=KeyFingerprinter(load_key_secret(settings)),
+    )
+    pending = Gauge(
+        "meter_writer_pending_events", "Usage records waiting for the database writer.", registry=registry
+    )
+    pending.set_function(lambda: float(runtime.writer.pending) if runtime.writer else 0.0)
+
+    async def readiness_check() -> dict[str, Any]:
+        reason = await ping(runtime.engine, timeout=2.0) if runtime.engine is not None else "not started"
+        pending_events = runtime.writer.pending if runtime.writer is not None else 0
+        return {
+            "ready": reason is None,
+            "database": "ok" if reason is None else reason,
+            "pending_events": pending_events,
+        }
+
+    async def on_startup(app: Litestar) -> None:
+        if settings.is_sqlite and settings.auto_migrate:
+            await upgrade(settings.database_url)
+        runtime.engine = create_engine(settings.database_url)
+        runtime.writer = BatchWriter(runtime.engine, on_error=_log_write_error)
+        await runtime.writer.start()
+        await upstream.start()
+        app.state.engine = runtime.engine
+
+    async def on_shutdown(app: Litestar) -> None:
+        await upstream.aclose()
+        if runtime.writer is not None:
+            await runtime.writer.stop(timeout=settings.shutdown_grace)
+        if runtime.engine is not None:
+            await runtime.engine.dispose()
+
+    litestar = Litestar(
+        route_handlers=[*HEALTH_ROUTES, admin_router()],
+        on_startup=[on_startup],
+        on_shutdown=[on_shutdown],
+        exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
+        openapi_config=OpenAPIConfig(
+            title="meter admin API", version=__version__, path="/admin/schema", render_plugins=[SwaggerRenderPlugin()]
+        ),
+        logging_config=None,
+    )
+    litestar.state.registry = registry
+    litestar.state.admin_token = settings.admin_token
+    litestar.state.readiness = ReadinessProbe(readiness_check)
+    proxy = Proxy(
+        upstream=upstream,
+        upstream_url=settings.upstream_url,
+        fingerprinter=runtime.fingerprinter,
+        emit=runtime.emit,
+        max_request_bytes=settings.max_request_bytes,
+        on_observe_error=metrics.observe_error,
+    )
+    return MeterApp(runtime, litestar, proxy)
+
+
+def _log_write_error(exc: Exception) -> None:
+    log.warning("usage write failed, will retry: %s", exc)

@@ -1,0 +1,227 @@
+"""The ``meter`` command line: serve, simulate, db, usage.
+
+This is the configuration edge: it reads the environment once (via :func:`meter.settings.load_settings`)
+and passes typed values inward. Worker processes of ``serve --workers N`` receive the parsed settings
+through one private variable, so every worker runs with exactly what the parent validated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import os
+import sys
+from datetime import datetime
+from typing import Any
+
+import click
+
+from meter.settings import Settings, SettingsError, load_settings
+
+_WORKER_SETTINGS = "_METER_WORKER_SETTINGS"
+
+
+def _settings(**overrides: Any) -> Settings:
+    environ = {k: v for k, v in os.environ.items() if k != _WORKER_SETTINGS}
+    try:
+        return load_settings(environ, **overrides)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def worker_app() -> Any:
+    """ASGI factory used by server worker processes (``meter.cli:worker_app``)."""
+    from meter.app import create_app
+
+    settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
+    _configure_logging(settings.log_level)
+    return create_app(settings)
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="meter")
+def main() -> None:
+    """meter: an observability and metering proxy for OpenAI-compatible LLM APIs."""
+
+
+@main.command()
+@click.option("--host", default=None, help="Listen address [METER_HOST; default 127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Listen port [METER_PORT; default 8787].")
+@click.option("--upstream", "upstream_url", default=None, help="Upstream base URL [METER_UPSTREAM_URL].")
+@click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
+@click.option("--workers", type=int, default=None, help="Worker processes [METER_WORKERS; default 1].")
+@click.option(
+    "--server", type=click.Choice(["uvicorn", "granian"]), default=None, help="ASGI server [METER_SERVER]."
+)
+@click.option(
+    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+    help="Log level [METER_LOG_LEVEL; default info].",
+)
+def serve(**flags: Any) -> None:
+    """Run the proxy."""
+    settings = _settings(**flags)
+    _configure_logging(settings.log_level)
+    if settings.is_sqlite and settings.auto_migrate:
+        # Migrate once here rather than racing in every worker's start-up.
+        from meter.db.migrate import upgrade
+
+        asyncio.run(upgrade(settings.database_url))
+        settings = dataclasses.replace(settings, auto_migrate=False)
+    os.environ[_WORKER_SETTINGS] = json.dumps(dataclasses.asdict(settings))
+    logging.getLogger("meter").info(
+        "meter listening on http://%s:%d, forwarding to %s, recording to %s",
+        settings.host, settings.port, settings.upstream_url, settings.database_url,
+    )
+    if settings.server == "granian":
+        from granian import Granian
+        from granian.constants import Interfaces
+
+        Granian(
+            "meter.cli:worker_app",
+            address=settings.host,
+            port=settings.port,
+            interface=Interfaces.ASGI,
+            workers=settings.workers,
+            factory=True,
+            log_level=settings.log_level,  # type: ignore[arg-type]
+            workers_kill_timeout=int(settings.shutdown_grace),
+        ).serve()
+        return
+    import uvicorn
+
+    uvicorn.run(
+        "meter.cli:worker_app",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        server_header=False,  # the upstream's own Server and Date headers pass through instead
+        date_header=False,
+        timeout_graceful_shutdown=int(settings.shutdown_grace),
+        log_level=settings.log_level,
+        backlog=4096,
+    )
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8788, show_default=True)
+@click.option("--ttft-ms", type=float, default=0.0, show_default=True, help="Delay before the first token.")
+@click.option("--token-delay-ms", type=float, default=0.0, show_default=True, help="Delay between tokens.")
+@click.option(
+    "--completion-tokens", type=int, default=16, show_default=True,
+    help="Completion length when the request sets no max_tokens.",
+)
+def simulate(host: str, port: int, ttft_ms: float, token_delay_ms: float, completion_tokens: int) -> None:
+    """Run a Fireworks-compatible upstream simulator (for demos, tests and benchmarks)."""
+    import uvicorn
+
+    from meter.simulator import SimulatorConfig, create_simulator
+
+    app = create_simulator(
+        SimulatorConfig(ttft_ms=ttft_ms, token_delay_ms=token_delay_ms, completion_tokens=completion_tokens)
+    )
+    click.echo(f"simulator listening on http://{host}:{port} (point meter at it: --upstream http://{host}:{port})")
+    uvicorn.run(
+        app, host=host, port=port, loop="uvloop", http="httptools", lifespan="off", access_log=False,
+        log_level="warning", backlog=4096,
+    )
+
+
+@main.group()
+def db() -> None:
+    """Database migrations."""
+
+
+@db.command("upgrade")
+@click.argument("revision", default="head")
+@click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
+def db_upgrade(revision: str, database_url: str | None) -> None:
+    """Migrate the database up to REVISION (default: head)."""
+    from meter.db.migrate import upgrade
+
+    settings = _settings(database_url=database_url)
+    asyncio.run(upgrade(settings.database_url, revision))
+    click.echo(f"database at {revision}")
+
+
+@db.command("downgrade")
+@click.argument("revision")
+@click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
+def db_downgrade(revision: str, database_url: str | None) -> None:
+    """Migrate the database down to REVISION ('base' removes every table)."""
+    from meter.db.migrate import downgrade
+
+    settings = _settings(database_url=database_url)
+    asyncio.run(downgrade(settings.database_url, revision))
+    click.echo(f"database at {revision}")
+
+
+def _parse_time(value: str | None, name: str) -> datetime | None:
+    from meter.admin import parse_time
+    from meter.errors import RequestError
+
+    try:
+        return parse_time(value, name)
+    except RequestError as exc:
+        raise click.BadParameter(exc.message, param_hint=f"--{name}") from None
+
+
+@main.command()
+@click.option("--since", default=None, help="Start of the range (ISO date or datetime, UTC if no offset).")
+@click.option("--until", default=None, help="End of the range, exclusive.")
+@click.option(
+    "--group-by", default="key,model", show_default=True,
+    help="Comma-separated: any of key, team, model, endpoint, day.",
+)
+@click.option("--key", default=None, help="Only this key fingerprint.")
+@click.option("--team", default=None, help="Only this team.")
+@click.option("--model", default=None, help="Only this requested model.")
+@click.option("--endpoint", default=None, help="Only this endpoint path.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
+def usage(
+    since: str | None, until: str | None, group_by: str, key: str | None, team: str | None, model: str | None,
+    endpoint: str | None, fmt: str, database_url: str | None,
+) -> None:
+    """Usage totals over a time range."""
+    from meter.admin import parse_group_by
+    from meter.db.engine import create_engine
+    from meter.db.queries import usage_summary
+    from meter.db.report import render
+    from meter.errors import RequestError
+
+    settings = _settings(database_url=database_url)
+    try:
+        groups = parse_group_by(group_by)
+    except RequestError as exc:
+        raise click.BadParameter(exc.message, param_hint="--group-by") from None
+    start, end = _parse_time(since, "since"), _parse_time(until, "until")
+
+    async def run() -> list[dict[str, Any]]:
+        if settings.is_sqlite:
+            from meter.db.migrate import upgrade
+
+            await upgrade(settings.database_url)  # a fresh embedded database reads as empty, not as an error
+        engine = create_engine(settings.database_url)
+        try:
+            return await usage_summary(
+                engine, since=start, until=end, group_by=groups, key_fingerprint=key, team=team, model=model,
+                endpoint=endpoint,
+            )
+        finally:
+            await engine.dispose()
+
+    click.echo(render(asyncio.run(run()), fmt), nl=False)

@@ -1,0 +1,30 @@
+"""meter's database sink: schema, migrations, the background batch writer, and report queries.
+
+Modules, in data-flow order: :mod:`~meter.db.engine` (URLs, engines, ping),
+:mod:`~meter.db.models` and :mod:`~meter.db.types` (schema), :mod:`~meter.db.migrate` (Alembic),
+:mod:`~meter.db.writer` (records in), :mod:`~meter.db.queries` (reports out),
+:mod:`~meter.db.report` (rendering, pure).
+"""
+
+from __future__ import annotations
+
+from meter.db.engine import create_engine, normalize_url, ping
+from meter.db.migrate import current, downgrade, head, upgrade
+from meter.db.queries import recent_requests, usage_summary
+from meter.db.report import render
+from meter.db.writer import BatchWriter, write_batch
+
+__all__ = [
+    "BatchWriter",
+    "create_engine",
+    "current",
+    "downgrade",
+    "head",
+    "normalize_url",
+    "ping",
+    "recent_requests",
+    "render",
+    "upgrade",
+    "usage_summary",
+    "write_batch",
+]

@@ -1,0 +1,50 @@
+"""Which headers cross the proxy (RFC 9110 §7.6.1).
+
+Rule 1: end-to-end headers pass unchanged in both directions, in their order, repeated ones included.
+Rule 2: hop-by-hop headers (the fixed list below plus every name the ``Connection`` header lists)
+        describe one connection and are dropped; each side's HTTP stack makes its own.
+Rule 3: ``Host`` is the upstream's (set by the client library from the upstream URL) and
+        ``Content-Length`` is recomputed from the same body bytes, so it stays equal.
+
+Pure: bytes in, bytes out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(token.strip().lower() for token in value.split(b","))
+    return frozenset(tokens)
+
+
+def upstream_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
+    """ASGI request headers (lower-case bytes) → headers to send upstream."""
+    drop = _REQUEST_DROP | _connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else _REQUEST_DROP
+    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers if name not in drop]
+
+
+def client_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Upstream response headers, as received → headers for the ASGI ``http.response.start``."""
+    headers = list(headers)
+    drop = HOP_BY_HOP | _connection_tokens(headers)
+    return [(name, value) for name, value in headers if name.lower() not in drop]

@@ -1,0 +1,317 @@
+"""The forward path: a raw ASGI handler for every path that is not meter's own.
+
+request in → read body → identity → forward → relay + observe → exactly one UsageRecord
+
+Rule 1 (transparent): the request body is forwarded byte for byte; status, end-to-end headers and body
+        bytes of the response reach the client unchanged, each upstream chunk sent the moment it arrives.
+Rule 2 (exactly one record): every request that reached this handler is emitted exactly once, from a
+        ``finally``, whatever happened: completed, upstream error, meter error, or client gone.
+Rule 3 (observing never breaks forwarding): a chunk is sent to the client before the observer sees it,
+        and the observer never raises.
+Rule 4 (the client leaving stops the upstream): a watcher task waits for ``http.disconnect`` and cancels
+        the relay; the upstream response is then closed together with its connection, so the provider
+        stops generating.
+Rule 5 (the hot path never waits on a sink): ``emit`` must return at once (the writer queues).
+
+Timings (all from one monotonic clock, origin = the moment the ASGI server handed meter the request):
+``upstream_headers_ms`` until the upstream's response head, ``ttft_ms`` until the first streamed chunk
+carrying content was relayed, ``duration_ms`` until the last byte was relayed, and ``overhead_ms`` =
+(time before the upstream request was sent) + (time from the upstream's response head to the client's).
+The raw ASGI handler bypasses litestar's routing on purpose: the forward path is the hot path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from meter.errors import MeterError, RequestTooLarge, UpstreamError
+from meter.forward import Upstream, UpstreamResponse
+from meter.headers import client_response_headers, upstream_request_headers
+from meter.identity import KeyFingerprinter, bearer_token
+from meter.observe import Observation, ResponseObserver
+from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
+from meter.request_info import EMPTY, RequestInfo, inspect_request
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+CLIENT_CLOSED_REQUEST = 499  # recorded status when the client left before the upstream answered
+
+
+class _Exchange:
+    """Mutable per-request state, turned into one immutable UsageRecord at the end."""
+
+    __slots__ = (
+        "client_gone",
+        "completed",
+        "endpoint",
+        "error",
+        "info",
+        "key_fingerprint",
+        "key_suffix",
+        "observation",
+        "relaying",
+        "request_bytes",
+        "request_id",
+        "response_bytes",
+        "status",
+        "t_client_headers",
+        "t_forward",
+        "t_upstream_headers",
+    )
+
+    def __init__(self, endpoint: str) -> None:
+        self.endpoint = endpoint
+        self.request_id: str | None = None
+        self.client_gone = False
+        self.relaying = True  # False once the response is complete: a disconnect then is no abort
+        self.completed = False
+        self.error: MeterError | None = None
+        self.info: RequestInfo = EMPTY
+        self.key_fingerprint: str | None = None
+        self.key_suffix: str | None = None
+        self.observation: Observation | None = None
+        self.request_bytes = 0
+        self.response_bytes = 0
+        self.status = 0
+        self.t_forward: float | None = None
+        self.t_upstream_headers: float | None = None
+        self.t_client_headers: float | None = None
+
+
+class Proxy:
+    def __init__(
+        self,
+        *,
+        upstream: Upstream,
+        upstream_url: str,
+        fingerprinter: KeyFingerprinter,
+        emit: Callable[[UsageRecord], None],
+        max_request_bytes: int,
+        on_observe_error: Callable[[str], None] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
+        self._upstream = upstream
+        self._base = upstream_url.rstrip("/")
+        self._fingerprinter = fingerprinter
+        self._emit = emit
+        self._max_request_bytes = max_request_bytes
+        self._on_observe_error = on_observe_error
+        self._clock = clock
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        t0 = self._clock()
+        started_at = datetime.now(UTC)
+        x = _Exchange(scope["path"])
+        try:
+            await self._handle(scope, receive, send, x, t0)
+        finally:
+            self._emit(self._record(scope, x, t0, started_at))
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float) -> None:
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        try:
+            body = await self._read_body(headers, receive, x)
+        except MeterError as exc:
+            x.error = exc
+            await self._send_error(send, exc, x)
+            return
+        if body is None:  # the client left while sending its body
+            x.client_gone = True
+            x.status = CLIENT_CLOSED_REQUEST
+            return
+        x.request_bytes = len(body)
+        x.info = inspect_request(body)
+        authorization = next((v for n, v in headers if n == b"authorization"), None)
+        key = bearer_token(authorization.decode("latin-1")) if authorization else None
+        if key is not None:
+            identity = self._fingerprinter.identify(key)
+            x.key_fingerprint, x.key_suffix = identity.fingerprint, identity.suffix
+
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.get_running_loop().create_task(_watch_disconnect(receive, task, x))
+        response: UpstreamResponse | None = None
+        try:
+            x.t_forward = self._clock()
+            response = await self._upstream.send(
+                scope["method"], self._url(scope), upstream_request_headers(headers), body
+            )
+            x.t_upstream_headers = self._clock()
+            await self._relay(response, send, x)
+        except UpstreamError as exc:
+            x.error = exc
+            if x.t_client_headers is None:
+                await self._send_error(send, exc, x)
+            # else: the response head is out; leaving it incomplete makes the server cut the connection,
+            # the only honest way to tell the client the body is truncated.
+        except asyncio.CancelledError:
+            if not x.client_gone:
+                raise
+            task.uncancel()
+        finally:
+            x.relaying = False
+            watcher.cancel()
+            if response is not None:
+                await response.close(abort=not x.completed)
+            if x.client_gone and x.t_client_headers is None:
+                x.status = CLIENT_CLOSED_REQUEST
+
+    async def _relay(self, response: UpstreamResponse, send: Send, x: _Exchange) -> None:
+        lowered = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
+        observer = ResponseObserver(
+            x.endpoint,
+            status_code=response.status,
+            headers=lowered,
+            prompt_tokens_estimate=x.info.prompt_tokens_estimate,
+            on_error=self._on_observe_error,
+        )
+        x.status = response.status
+        x.request_id = lowered.get("x-request-id")
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": client_response_headers(response.headers),
+                }
+            )
+            x.t_client_headers = self._clock()
+            clock = self._clock
+            async for chunk in response.chunks():
+                now = clock()
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                x.response_bytes += len(chunk)
+                observer.feed(chunk, now)
+            x.relaying = False
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            x.completed = True
+        finally:
+            x.observation = observer.finish(aborted=not x.completed)
+
+    async def _read_body(
+        self, headers: list[tuple[bytes, bytes]], receive: Receive, x: _Exchange
+    ) -> bytes | None:
+        limit = self._max_request_bytes
+        declared = next((v for n, v in headers if n == b"content-length"), None)
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds meter's limit of {limit} bytes")
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise RequestTooLarge(f"request body exceeds meter's limit of {limit} bytes")
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        x.request_bytes = size
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def _url(self, scope: Scope) -> str:
+        raw_path: bytes | None = scope.get("raw_path")
+        path = raw_path.decode("latin-1") if raw_path else scope["path"]
+        query: bytes = scope.get("query_string", b"")
+        return f"{self._base}{path}?{query.decode('latin-1')}" if query else f"{self._base}{path}"
+
+    async def _send_error(self, send: Send, exc: MeterError, x: _Exchange) -> None:
+        body = exc.body()
+        x.status = exc.status_code
+        await send(
+            {
+                "type": "http.response.start",
+                "status": exc.status_code,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            }
+        )
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+        x.response_bytes = len(body)
+
+    def _record(self, scope: Scope, x: _Exchange, t0: float, started_at: datetime) -> UsageRecord:
+        t_end = self._clock()
+        obs = x.observation
+        if x.client_gone:
+            outcome = Outcome.ABORTED
+        elif x.error is not None:
+            outcome = Outcome.PROXY_ERROR
+        elif x.status >= 400 or (obs is not None and obs.stream_error):
+            outcome = Outcome.UPSTREAM_ERROR
+        else:
+            outcome = Outcome.OK
+
+        def ms(since: float | None, until: float | None) -> float | None:
+            return None if since is None or until is None else (until - since) * 1000.0
+
+        overhead = None
+        if x.t_forward is not None:
+            overhead = x.t_forward - t0
+            if x.t_upstream_headers is not None and x.t_client_headers is not None:
+                overhead += x.t_client_headers - x.t_upstream_headers
+        usage_kwargs: dict[str, Any] = {}
+        ttft_ms = tokens_per_second = None
+        if obs is not None:
+            usage = obs.usage
+            usage_kwargs = {
+                "prompt_tokens": usage.prompt_tokens,
+                "completion_tokens": usage.completion_tokens,
+                "cached_tokens": usage.cached_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+                "total_tokens": usage.total_tokens,
+                "response_id": obs.response_id,
+                "response_model": obs.response_model,
+                "finish_reason": ",".join(obs.finish_reasons) or None,
+                "server_ttft_ms": None if obs.server_ttft_s is None else obs.server_ttft_s * 1000.0,
+                "server_processing_ms": (
+                    None if obs.server_processing_s is None else obs.server_processing_s * 1000.0
+                ),
+                "upstream_metrics": obs.upstream_metrics,
+            }
+            if obs.streamed:
+                ttft_ms = ms(t0, obs.first_content_at)
+            generation_start = obs.first_content_at if obs.streamed else x.t_forward
+            if usage.completion_tokens and generation_start is not None and t_end > generation_start:
+                tokens_per_second = usage.completion_tokens / (t_end - generation_start)
+        error = x.error.message if x.error is not None else (obs.error_message if obs is not None else None)
+        return UsageRecord(
+            event_id=new_event_id(),
+            started_at=started_at,
+            method=scope["method"],
+            endpoint=scope["path"],
+            status_code=x.status,
+            outcome=outcome,
+            usage_source=obs.usage_source if obs is not None else UsageSource.MISSING,
+            stream=x.info.stream,
+            key_fingerprint=x.key_fingerprint,
+            key_suffix=x.key_suffix,
+            requested_model=x.info.model,
+            request_id=x.request_id,
+            duration_ms=(t_end - t0) * 1000.0,
+            upstream_headers_ms=ms(t0, x.t_upstream_headers),
+            ttft_ms=ttft_ms,
+            output_tokens_per_second=tokens_per_second,
+            overhead_ms=None if overhead is None else overhead * 1000.0,
+            request_bytes=x.request_bytes,
+            response_bytes=x.response_bytes,
+            error=error,
+            **usage_kwargs,
+        )
+
+
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], x: _Exchange) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            break
+    if x.relaying:
+        x.client_gone = True
+        task.cancel()

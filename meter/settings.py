@@ -1,0 +1,172 @@
+"""Configuration, parsed once at start-up into a frozen :class:`Settings`.
+
+Rule 1: nothing else in meter reads ``os.environ``. The CLI builds a Settings from the environment
+        plus its flags (flags win) and hands it to the composition root.
+Rule 2: an unknown ``METER_*`` variable or a malformed value fails start-up with a message naming the
+        setting, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or malformed; the message names it."""
+
+
+DEFAULT_UPSTREAM = "https://api.fireworks.ai/inference"
+DEFAULT_DATABASE = "sqlite:///meter.db"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8787
+    workers: int = 1
+    upstream_url: str = DEFAULT_UPSTREAM
+    database_url: str = DEFAULT_DATABASE
+    key_secret: str | None = None  # HMAC secret for key fingerprints; generated beside a SQLite file if unset
+    key_secret_file: str | None = None  # where the generated secret lives (default: beside the SQLite file)
+    admin_token: str | None = None
+    upstream_client: str = "aiohttp"  # "aiohttp", "httpx" or "httpx-aiohttp"
+    upstream_connect_timeout: float = 10.0
+    upstream_read_timeout: float = 600.0  # between two chunks of the upstream's response
+    upstream_max_connections: int = 1000
+    max_request_bytes: int = 32 * 1024 * 1024
+    shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    server: str = "uvicorn"  # "uvicorn" or "granian"
+    log_level: str = "info"
+    auto_migrate: bool = True  # run migrations at start (SQLite: always sensible; PostgreSQL: see README)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.database_url.startswith("sqlite")
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file of a ``sqlite:///path`` URL (None for in-memory or other databases)."""
+        if not self.is_sqlite:
+            return None
+        path = self.database_url.split(":///", 1)[1] if ":///" in self.database_url else ""
+        return Path(path) if path and path != ":memory:" else None
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ValueError("expected true or false")
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise ValueError("must be a positive integer")
+    return number
+
+
+def _port(value: str) -> int:
+    number = int(value)
+    if not 0 <= number <= 65535:
+        raise ValueError("must be between 0 and 65535")
+    return number
+
+
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise ValueError("must be a positive number")
+    return number
+
+
+def _http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in {"http", "https"} or not parts.netloc:
+        raise ValueError("must be an http:// or https:// URL")
+    return value.rstrip("/")
+
+
+def _database_url(value: str) -> str:
+    if not value.startswith(("sqlite", "postgresql", "postgres")):
+        raise ValueError("must be a sqlite:/// or postgresql+asyncpg:// URL")
+    return value
+
+
+def _choice(*options: str) -> Callable[[str], str]:
+    def parse(value: str) -> str:
+        if value not in options:
+            raise ValueError(f"must be one of {', '.join(options)}")
+        return value
+
+    return parse
+
+
+def _text(value: str) -> str:
+    if not value:
+        raise ValueError("must not be empty")
+    return value
+
+
+# environment variable -> (field, parser)
+ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
+    "METER_HOST": ("host", _text),
+    "METER_PORT": ("port", _port),
+    "METER_WORKERS": ("workers", _positive_int),
+    "METER_UPSTREAM_URL": ("upstream_url", _http_url),
+    "METER_DATABASE_URL": ("database_url", _database_url),
+    "METER_KEY_SECRET": ("key_secret", _text),
+    "METER_KEY_SECRET_FILE": ("key_secret_file", _text),
+    "METER_ADMIN_TOKEN": ("admin_token", _text),
+    "METER_UPSTREAM_CLIENT": ("upstream_client", _choice("aiohttp", "httpx", "httpx-aiohttp")),
+    "METER_UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _positive_float),
+    "METER_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", _positive_float),
+    "METER_UPSTREAM_MAX_CONNECTIONS": ("upstream_max_connections", _positive_int),
+    "METER_MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
+    "METER_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),
+    "METER_SERVER": ("server", _choice("uvicorn", "granian")),
+    "METER_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "METER_AUTO_MIGRATE": ("auto_migrate", _parse_bool),
+}
+
+_PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
+    field: (env, parser) for env, (field, parser) in ENVIRONMENT.items()
+}
+
+
+def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
+    """Build Settings from ``METER_*`` variables, then ``overrides`` (CLI flags; ``None`` = not given).
+
+    Override values may be strings (parsed like the variable) or already-typed values.
+    """
+    unknown = sorted(name for name in environ if name.startswith("METER_") and name not in ENVIRONMENT)
+    if unknown:
+        raise SettingsError(
+            f"unknown setting {unknown[0]}; known settings: {', '.join(sorted(ENVIRONMENT))}"
+        )
+    values: dict[str, Any] = {}
+    for env, (field, parser) in ENVIRONMENT.items():
+        if env in environ:
+            values[field] = _parse(env, parser, environ[env])
+    for field, value in overrides.items():
+        if value is None:
+            continue
+        if field not in _PARSERS:
+            raise SettingsError(f"unknown setting {field}")
+        env, parser = _PARSERS[field]
+        values[field] = _parse(f"{env} (or its flag)", parser, value) if isinstance(value, str) else value
+    return dataclasses.replace(Settings(), **values)
+
+
+def _parse(name: str, parser: Callable[[str], Any], raw: str) -> Any:
+    try:
+        return parser(raw)
+    except ValueError as exc:
+        raise SettingsError(f"invalid {name}={raw!r}: {exc}") from None
