@@ -5,9 +5,11 @@ still compressed if the upstream compressed it) and ``finish()`` once at the end
 that into an :class:`Observation`. It never touches the bytes the client gets.
 
 Rule 1: ``feed`` and ``finish`` never raise. A chunk that cannot be parsed is reported to ``on_error``
-        with a kind ("json", "sse", "encoding", "body_too_large", "internal") and skipped; after an
-        "encoding", "body_too_large" or "internal" failure the body is no longer read and the answer
-        falls back to what the headers (and anything read before) said.
+        with a kind and skipped: "json" (a payload or body that is not a JSON object), "encoding" (an
+        unsupported or corrupt content-encoding), "body_too_large" (over ``max_body_bytes``), "internal"
+        (a bug here). After any but "json" the body is no longer read and the answer falls back to what
+        the headers (and anything read before) said. (The SSE decoder itself cannot fail: it replaces
+        invalid UTF-8, as the spec says.)
 Rule 2: the framing comes from the headers: ``text/event-stream`` is decoded incrementally as SSE;
         JSON (or an unlabelled / ``text/*`` body) is buffered up to ``max_body_bytes`` and parsed once
         at ``finish``; anything else (audio, images) is not read. ``gzip``/``deflate`` bodies are

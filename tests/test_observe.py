@@ -419,6 +419,37 @@ def test_first_content_at_is_the_feed_that_completed_the_first_content_event() -
     assert observe(CHAT, chunks, SSE).first_content_at == 2.0
 
 
+ALL_FIXTURES = sorted(p.name for p in FIXTURES.iterdir() if p.suffix in (".sse", ".json"))
+
+
+def endpoint_for(name: str) -> str:
+    for prefix, endpoint in (("responses", "/v1/responses"), ("completions", "/v1/completions")):
+        if name.startswith(prefix):
+            return endpoint
+    return "/v1/embeddings" if name.startswith("embeddings") else CHAT
+
+
+@pytest.mark.parametrize("name", ALL_FIXTURES)
+def test_every_fixture_byte_at_a_time_matches_whole(name: str) -> None:
+    data = (FIXTURES / name).read_bytes()
+    headers = SSE if name.endswith(".sse") else JSON
+    status = 400 if name.startswith("error") else 200
+    whole = observe(endpoint_for(name), [data], headers, status_code=status, prompt_tokens_estimate=10)
+    one_byte = [data[i : i + 1] for i in range(len(data))]
+    bytewise = observe(endpoint_for(name), one_byte, headers, status_code=status, prompt_tokens_estimate=10)
+    assert untimed(bytewise) == untimed(whole)
+    assert whole.usage_source is not UsageSource.MISSING or name.startswith("error")
+
+
+def test_named_error_event_in_a_chat_stream() -> None:
+    data = (
+        b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+        b'event: error\ndata: {"error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    )
+    got = observe(CHAT, [data], SSE)
+    assert (got.stream_error, got.error_message, got.content_chars) == (True, "Overloaded", 2)
+
+
 def test_unparseable_chunk_is_counted_and_skipped() -> None:
     data = (FIXTURES / "chat_fireworks_usage_on_finish.sse").read_bytes()
     broken = data.replace(b"\n\n", b'\n\ndata: {"id": broken\n\ndata: [1, 2]\n\n', 1)

@@ -4,11 +4,13 @@ see individual ``send`` calls."""
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import struct
 import time
 from collections.abc import Callable, Iterator, MutableMapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -18,6 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import meter.simulator
 from meter.simulator import (
     FIREWORKS_MODEL_PREFIX,
     MIDSTREAM_TOKENS,
@@ -194,6 +197,31 @@ async def test_usage_follows_the_rules_for_any_request(
     assert answer["usage"] == usage(prompt, n * per_choice)
     assert [c["message"]["content"] for c in answer["choices"]] == [completion_text(per_choice)] * n
     assert {c["finish_reason"] for c in answer["choices"]} == {"stop" if max_tokens is None else "length"}
+
+
+@pytest.mark.parametrize("module", ["tokens", "faults", "plan", "shapes"])
+def test_the_core_is_pure(module: str) -> None:
+    """Token rules, planning, shapes and faults import no I/O: only the standard library, orjson and
+    each other (STYLE rule 2)."""
+    source = Path(meter.simulator.__file__).with_name(f"{module}.py").read_text()
+    imported = set()
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            imported |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0:
+            imported.add((node.module or "").split(".")[0])
+    allowed = {
+        "__future__",
+        "base64",
+        "dataclasses",
+        "enum",
+        "functools",
+        "math",
+        "struct",
+        "typing",
+        "orjson",
+    }
+    assert imported <= allowed
 
 
 def test_config_rejects_bad_values_naming_the_setting() -> None:
@@ -524,6 +552,8 @@ def test_injected_error_on_every_api(client: openai.OpenAI) -> None:
         client.responses.create(model=FIREWORKS_MODEL_PREFIX + "sim-error-503", input="x")
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model=MODEL, prompt="x", extra_headers={"x-sim-error": "404"})
+    with pytest.raises(openai.InternalServerError):
+        client.models.list(extra_headers={"x-sim-error": "midstream"})
     with pytest.raises(openai.BadRequestError, match="unknown simulated error"):
         client.completions.create(model=MODEL, prompt="x", extra_headers={"x-sim-error": "418"})
 

@@ -7,7 +7,9 @@ latency, injected errors, and client-disconnect detection, and records what it r
 
 Layout, in the order a request meets it:
 
-- :mod:`.app`     the ASGI application, its configuration, counters and request log
+- :mod:`.app`     the ASGI application: routing, authentication, timing, streaming, inspection
+- :mod:`.config`  its configuration, counters and request log
+- :mod:`.asgi`    ASGI plumbing: body, JSON answers, lifespan, disconnect watch
 - :mod:`.plan`    body and ``x-sim-*`` headers -> what to answer (pure)
 - :mod:`.tokens`  the deterministic token rules: :func:`count_prompt_tokens` (pure)
 - :mod:`.shapes`  JSON bodies, SSE events and headers in Fireworks' shapes (pure)
@@ -18,7 +20,8 @@ Run one: ``python -m meter.simulator --port 9000 --ttft-ms 50 --token-delay-ms 1
 
 from __future__ import annotations
 
-from .app import ReceivedRequest, Simulator, SimulatorConfig, SimulatorStats, create_simulator
+from .app import Simulator, create_simulator
+from .config import ReceivedRequest, SimulatorConfig, SimulatorStats
 from .faults import MIDSTREAM_TOKENS
 from .plan import FIREWORKS_MODEL_PREFIX
 from .tokens import PER_MESSAGE_TOKENS, completion_text, count_prompt_tokens

@@ -6,7 +6,8 @@ import argparse
 
 import uvicorn
 
-from .app import SimulatorConfig, create_simulator
+from .app import create_simulator
+from .config import SimulatorConfig
 
 
 def main(argv: list[str] | None = None) -> None:

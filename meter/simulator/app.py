@@ -4,9 +4,8 @@ A request goes: route -> read body -> record -> Authorization -> ``x-sim-*`` ove
 error? -> JSON -> :func:`.plan.plan_request` -> wait time to first token -> answer (one JSON body, or
 an SSE stream flushed one ASGI ``send`` per event).
 
-Rule 1: every API request lands in exactly one terminal counter of :class:`SimulatorStats`, so
-        ``requests == completed + errors + cancelled + streams_cancelled + in_flight`` at all times.
-        ``/_sim/*`` inspection requests are neither counted nor recorded.
+Rule 1: every API request lands in exactly one terminal counter of :class:`.SimulatorStats` (see
+        :mod:`.config`); ``/_sim/*`` inspection requests are neither counted nor recorded.
 Rule 2: a client that goes away is noticed while waiting (time to first token, between tokens): a
         stream stops generating at once and counts in ``streams_cancelled``. A background task awaits
         ``receive()`` for ``http.disconnect`` and wakes the sleeper, so the check costs one attribute
@@ -29,13 +28,14 @@ import itertools
 import os
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Callable, Iterable
 from typing import Any
 from urllib.parse import parse_qs
 
 import orjson
 
+from .asgi import DisconnectWatch, Receive, Scope, Send, lifespan, read_body, send_json
+from .config import ReceivedRequest, SimulatorConfig, SimulatorStats
 from .faults import (
     METHOD_NOT_ALLOWED,
     MIDSTREAM_TOKENS,
@@ -48,7 +48,6 @@ from .faults import (
 from .plan import NO_OVERRIDES, Api, Plan, PlanError, parse_overrides, plan_request
 from .shapes import (
     DONE,
-    JSON_TYPE,
     NO_CACHE,
     RATE_LIMIT_HEADERS,
     SSE_TYPE,
@@ -60,11 +59,6 @@ from .shapes import (
     sse,
 )
 from .tokens import token_bytes
-
-Scope = MutableMapping[str, Any]
-Message = MutableMapping[str, Any]
-Receive = Callable[[], Awaitable[Message]]
-Send = Callable[[Message], Awaitable[None]]
 
 ROUTES: dict[str, Api] = {
     "/v1/chat/completions": Api.CHAT,
@@ -81,6 +75,7 @@ MODELS = (
     "nomic-ai/nomic-embed-text-v1.5",
 )
 _MODEL_CREATED = 1_700_000_000
+DEFAULT_CONFIG = SimulatorConfig()
 YIELD_EVERY = 128  # token steps between yields of a stream without token delay (rule 2)
 _RATE_LIMITED_HEADERS = (
     *(h for h in RATE_LIMIT_HEADERS if h[0] != b"x-ratelimit-over-limit"),
@@ -89,145 +84,10 @@ _RATE_LIMITED_HEADERS = (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class SimulatorConfig:
-    ttft_ms: float = 0.0  # delay before the first token (also before a non-streamed response)
-    token_delay_ms: float = 0.0  # delay between streamed tokens
-    completion_tokens: int = 16  # per choice, when the request gives no max_tokens-like limit
-    record_requests: int = 1000  # how many received requests `Simulator.received` keeps
-
-    def __post_init__(self) -> None:
-        for name in ("ttft_ms", "token_delay_ms"):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ValueError(f"SimulatorConfig.{name} must be a non-negative number, got {value!r}")
-        for name in ("completion_tokens", "record_requests"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 0:
-                raise ValueError(f"SimulatorConfig.{name} must be a non-negative integer, got {value!r}")
-
-
-@dataclass(slots=True)
-class SimulatorStats:
-    """Counters since start or the last reset (rule 1). ``in_flight`` is a gauge and survives resets."""
-
-    requests: int = 0  # API requests received (everything but /_sim/*)
-    completed: int = 0  # answered 2xx to the end, streamed or not
-    errors: int = 0  # answered with an error status, or failed mid-stream
-    cancelled: int = 0  # non-streamed: the client went away before the answer
-    streams_started: int = 0  # streamed requests accepted (before their time to first token)
-    streams_cancelled: int = 0  # streams whose client went away before the end
-    tokens_generated: int = 0  # completion tokens produced, all choices, including cut-off streams
-    in_flight: int = 0
-
-    def snapshot(self) -> dict[str, int]:
-        return asdict(self)
-
-    def reset(self) -> None:
-        for f in fields(self):
-            if f.name != "in_flight":
-                setattr(self, f.name, 0)
-
-
-@dataclass(frozen=True, slots=True)
-class ReceivedRequest:
-    method: str
-    path: str  # as received, e.g. "/inference/v1/chat/completions"
-    query_string: str
-    headers: list[tuple[str, str]]  # as received (ASGI lower-cases names), latin-1 decoded
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        name = name.lower()
-        return next((value for key, value in self.headers if key == name), None)
-
-    def json(self) -> Any:
-        return orjson.loads(self.body)
-
-    def summary(self) -> dict[str, Any]:
-        return {
-            "method": self.method,
-            "path": self.path,
-            "query_string": self.query_string,
-            "headers": self.headers,
-            "body_length": len(self.body),
-        }
-
-
-class _DisconnectWatch:
-    """Awaits ``http.disconnect`` in the background and cuts short any :meth:`sleep` (rule 2)."""
-
-    __slots__ = ("_loop", "_sleeper", "_task", "disconnected")
-
-    def __init__(self, receive: Receive) -> None:
-        self.disconnected = False
-        self._sleeper: asyncio.Future[None] | None = None
-        self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._watch(receive))
-
-    async def _watch(self, receive: Receive) -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-        self.disconnected = True
-        if self._sleeper is not None and not self._sleeper.done():
-            self._sleeper.set_result(None)
-
-    async def sleep(self, seconds: float) -> bool:
-        """Wait ``seconds``; False as soon as the client is gone."""
-        if self.disconnected:
-            return False
-        future: asyncio.Future[None] = self._loop.create_future()
-        self._sleeper = future
-        timer = self._loop.call_later(seconds, _resolve, future)
-        try:
-            await future
-        finally:
-            timer.cancel()
-            self._sleeper = None
-        return not self.disconnected
-
-    def close(self) -> None:
-        self._task.cancel()
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
-
-
-async def _read_body(receive: Receive) -> bytes | None:
-    """The whole request body, or None if the client went away first."""
-    message = await receive()
-    if message["type"] != "http.request":
-        return None
-    body: bytes = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = [body]
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return None
-        parts.append(message.get("body", b""))
-        if not message.get("more_body", False):
-            return b"".join(parts)
-
-
-async def _send_json(send: Send, status: int, body: bytes, headers: Iterable[tuple[bytes, bytes]]) -> None:
-    await send(
-        {
-            "type": "http.response.start",
-            "status": status,
-            "headers": [JSON_TYPE, (b"content-length", b"%d" % len(body)), *headers],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
 class Simulator:
     """A Fireworks-compatible upstream as an ASGI app: ``await sim(scope, receive, send)``."""
 
-    def __init__(self, config: SimulatorConfig = SimulatorConfig()) -> None:
+    def __init__(self, config: SimulatorConfig = DEFAULT_CONFIG) -> None:
         self.config = config
         self.received: deque[ReceivedRequest] = deque(maxlen=config.record_requests)
         self.stats = SimulatorStats()
@@ -250,7 +110,7 @@ class Simulator:
         kind = scope["type"]
         if kind != "http":
             if kind == "lifespan":
-                await _lifespan(receive, send)
+                await lifespan(receive, send)
             return
         path: str = scope["path"]
         if path.startswith("/_sim/"):
@@ -266,7 +126,7 @@ class Simulator:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
         start = time.perf_counter()
-        body = await _read_body(receive)
+        body = await read_body(receive)
         if body is None:
             self.stats.cancelled += 1
             return
@@ -305,7 +165,7 @@ class Simulator:
         except PlanError as exc:
             await self._fail(send, exc.fault, ident)
             return
-        if overrides.injection is not None and not overrides.injection.midstream:
+        if overrides.injection is not None and (api is None or not overrides.injection.midstream):
             await self._fail(send, overrides.injection.fault, ident)
             return
         if api is None:
@@ -343,7 +203,7 @@ class Simulator:
     ) -> None:
         self.stats.errors += 1
         limits = _RATE_LIMITED_HEADERS if fault.status == 429 else RATE_LIMIT_HEADERS
-        await _send_json(
+        await send_json(
             send, fault.status, fault.body(), [(b"x-request-id", ident.encode()), *limits, *extra]
         )
 
@@ -356,14 +216,14 @@ class Simulator:
         else:
             body = orjson.dumps(self._model(api_path[len(MODELS_PATH) + 1 :]))
         self.stats.completed += 1
-        await _send_json(send, 200, body, [(b"x-request-id", ident.encode()), *RATE_LIMIT_HEADERS])
+        await send_json(send, 200, body, [(b"x-request-id", ident.encode()), *RATE_LIMIT_HEADERS])
 
     async def _respond(
         self, receive: Receive, send: Send, plan: Plan, data: Any, ident: str, start: float, ttft: float
     ) -> None:
         stats = self.stats
         if ttft > 0:
-            watch = _DisconnectWatch(receive)
+            watch = DisconnectWatch(receive)
             try:
                 alive = await watch.sleep(ttft)
             finally:
@@ -386,7 +246,7 @@ class Simulator:
         ]
         stats.completed += 1
         stats.tokens_generated += plan.total_completion_tokens
-        await _send_json(send, 200, body, headers)
+        await send_json(send, 200, body, headers)
 
     async def _stream(
         self,
@@ -403,7 +263,7 @@ class Simulator:
         """``fault`` set: fail with it after :data:`MIDSTREAM_TOKENS` tokens."""
         stats = self.stats
         stats.streams_started += 1
-        watch = _DisconnectWatch(receive)
+        watch = DisconnectWatch(receive)
         try:
             if ttft > 0 and not await watch.sleep(ttft):
                 stats.streams_cancelled += 1
@@ -470,7 +330,7 @@ class Simulator:
     async def _generate(
         self,
         send: Send,
-        watch: _DisconnectWatch,
+        watch: DisconnectWatch,
         tokens: int,
         delay: float,
         width: int,
@@ -493,7 +353,7 @@ class Simulator:
         return not watch.disconnected
 
     async def _inspect(self, scope: Scope, receive: Receive, send: Send, path: str) -> None:
-        await _read_body(receive)
+        await read_body(receive)
         method = scope["method"]
         if path == "/_sim/stats" and method == "GET":
             body = orjson.dumps(self.stats.snapshot())
@@ -513,19 +373,9 @@ class Simulator:
                 if path not in ("/_sim/stats", "/_sim/requests", "/_sim/reset")
                 else METHOD_NOT_ALLOWED
             )
-            await _send_json(send, fault.status, fault.body(), ())
+            await send_json(send, fault.status, fault.body(), ())
             return
-        await _send_json(send, 200, body, ())
-
-
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+        await send_json(send, 200, body, ())
 
 
 def create_simulator(config: SimulatorConfig | None = None) -> Simulator:
