@@ -7,6 +7,7 @@ configured every admin endpoint answers 403 and says how to enable it; a missing
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from datetime import UTC, date, datetime
 from typing import Any
@@ -32,7 +33,9 @@ def parse_time(value: str | None, name: str) -> datetime | None:
         try:
             parsed = datetime.combine(date.fromisoformat(value), datetime.min.time())
         except ValueError:
-            raise RequestError(f"{name} must be an ISO 8601 date or datetime, got {value!r}", param=name) from None
+            raise RequestError(
+                f"{name} must be an ISO 8601 date or datetime, got {value!r}", param=name
+            ) from None
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
 
 
@@ -48,7 +51,11 @@ def parse_group_by(value: str | None) -> list[str]:
     return groups
 
 
-async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler) -> None:
+def _digest(token: str) -> bytes:
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+
+
+async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], handler: BaseRouteHandler) -> None:
     expected: str | None = connection.app.state.admin_token
     if not expected:
         raise PermissionDenied(
@@ -57,8 +64,9 @@ async def require_admin(connection: ASGIConnection[Any, Any, Any, Any], _: BaseR
         )
     header = connection.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
-    # compare_digest on bytes takes time independent of where the strings differ.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected.encode()):
+    # Compare fixed-length digests: compare_digest's time is then independent of both where the tokens
+    # differ and how long the presented one is.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(_digest(token.strip()), _digest(expected)):
         raise AuthenticationError("missing or invalid admin token", param=None)
 
 
@@ -69,7 +77,9 @@ def meter_error_handler(_: Request[Any, Any, Any], exc: MeterError) -> Response[
 def http_error_handler(_: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
     error_type = "invalid_request_error" if exc.status_code < 500 else "api_error"
     return Response(
-        error_body(str(exc.detail), error_type, None, None), status_code=exc.status_code, media_type="application/json"
+        error_body(str(exc.detail), error_type, None, None),
+        status_code=exc.status_code,
+        media_type="application/json",
     )
 
 
@@ -113,7 +123,12 @@ async def requests_(
         raise RequestError("limit must be between 1 and 10000", param="limit")
     engine: AsyncEngine = request.app.state.engine
     rows = await recent_requests(
-        engine, limit=limit, key_fingerprint=key, model=model, outcome=outcome, since=parse_time(since, "since")
+        engine,
+        limit=limit,
+        key_fingerprint=key,
+        model=model,
+        outcome=outcome,
+        since=parse_time(since, "since"),
     )
     return {"object": "list", "data": rows}
 

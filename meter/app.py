@@ -148,7 +148,10 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         on_shutdown=[on_shutdown],
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
         openapi_config=OpenAPIConfig(
-            title="meter admin API", version=__version__, path="/admin/schema", render_plugins=[SwaggerRenderPlugin()]
+            title="meter admin API",
+            version=__version__,
+            path="/admin/schema",
+            render_plugins=[SwaggerRenderPlugin()],
         ),
         logging_config=None,
     )

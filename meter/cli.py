@@ -62,7 +62,9 @@ def main() -> None:
     "--server", type=click.Choice(["uvicorn", "granian"]), default=None, help="ASGI server [METER_SERVER]."
 )
 @click.option(
-    "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default=None,
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
     help="Log level [METER_LOG_LEVEL; default info].",
 )
 def serve(**flags: Any) -> None:
@@ -78,7 +80,10 @@ def serve(**flags: Any) -> None:
     os.environ[_WORKER_SETTINGS] = json.dumps(dataclasses.asdict(settings))
     logging.getLogger("meter").info(
         "meter listening on http://%s:%d, forwarding to %s, recording to %s",
-        settings.host, settings.port, settings.upstream_url, settings.database_url,
+        settings.host,
+        settings.port,
+        settings.upstream_url,
+        settings.database_url,
     )
     if settings.server == "granian":
         from granian import Granian
@@ -121,7 +126,10 @@ def serve(**flags: Any) -> None:
 @click.option("--ttft-ms", type=float, default=0.0, show_default=True, help="Delay before the first token.")
 @click.option("--token-delay-ms", type=float, default=0.0, show_default=True, help="Delay between tokens.")
 @click.option(
-    "--completion-tokens", type=int, default=16, show_default=True,
+    "--completion-tokens",
+    type=int,
+    default=16,
+    show_default=True,
     help="Completion length when the request sets no max_tokens.",
 )
 def simulate(host: str, port: int, ttft_ms: float, token_delay_ms: float, completion_tokens: int) -> None:
@@ -133,10 +141,19 @@ def simulate(host: str, port: int, ttft_ms: float, token_delay_ms: float, comple
     app = create_simulator(
         SimulatorConfig(ttft_ms=ttft_ms, token_delay_ms=token_delay_ms, completion_tokens=completion_tokens)
     )
-    click.echo(f"simulator listening on http://{host}:{port} (point meter at it: --upstream http://{host}:{port})")
+    click.echo(
+        f"simulator listening on http://{host}:{port} (point meter at it: --upstream http://{host}:{port})"
+    )
     uvicorn.run(
-        app, host=host, port=port, loop="uvloop", http="httptools", lifespan="off", access_log=False,
-        log_level="warning", backlog=4096,
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
+        http="httptools",
+        lifespan="off",
+        access_log=False,
+        log_level="warning",
+        backlog=4096,
     )
 
 
@@ -183,18 +200,29 @@ def _parse_time(value: str | None, name: str) -> datetime | None:
 @click.option("--since", default=None, help="Start of the range (ISO date or datetime, UTC if no offset).")
 @click.option("--until", default=None, help="End of the range, exclusive.")
 @click.option(
-    "--group-by", default="key,model", show_default=True,
+    "--group-by",
+    default="key,model",
+    show_default=True,
     help="Comma-separated: any of key, team, model, endpoint, day.",
 )
 @click.option("--key", default=None, help="Only this key fingerprint.")
 @click.option("--team", default=None, help="Only this team.")
 @click.option("--model", default=None, help="Only this requested model.")
 @click.option("--endpoint", default=None, help="Only this endpoint path.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True
+)
 @click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
 def usage(
-    since: str | None, until: str | None, group_by: str, key: str | None, team: str | None, model: str | None,
-    endpoint: str | None, fmt: str, database_url: str | None,
+    since: str | None,
+    until: str | None,
+    group_by: str,
+    key: str | None,
+    team: str | None,
+    model: str | None,
+    endpoint: str | None,
+    fmt: str,
+    database_url: str | None,
 ) -> None:
     """Usage totals over a time range."""
     from meter.admin import parse_group_by
@@ -218,7 +246,13 @@ def usage(
         engine = create_engine(settings.database_url)
         try:
             return await usage_summary(
-                engine, since=start, until=end, group_by=groups, key_fingerprint=key, team=team, model=model,
+                engine,
+                since=start,
+                until=end,
+                group_by=groups,
+                key_fingerprint=key,
+                team=team,
+                model=model,
                 endpoint=endpoint,
             )
         finally:

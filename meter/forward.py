@@ -17,7 +17,6 @@ Rule 3: third-party exceptions are mapped here to :mod:`meter.errors`; nothing a
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Protocol
 
@@ -29,8 +28,13 @@ from meter.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, 
 
 
 class UpstreamResponse(Protocol):
-    status: int
-    headers: Sequence[tuple[bytes, bytes]]  # as received: original case, order and repeats
+    @property
+    def status(self) -> int: ...
+
+    @property
+    def headers(self) -> Sequence[tuple[bytes, bytes]]:
+        """As received: original case, order and repeats."""
+        ...
 
     def chunks(self) -> AsyncIterator[bytes]: ...
 
@@ -69,7 +73,7 @@ class _AiohttpResponse:
         try:
             async for chunk in self._response.content.iter_any():
                 yield chunk
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream stopped sending mid-response: {_describe(exc)}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"upstream connection broke mid-response: {_describe(exc)}") from exc
@@ -97,7 +101,9 @@ class AiohttpUpstream:
             cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for the next
         )
 
-    async def send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
+    async def send(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> UpstreamResponse:
         assert self._session is not None, "AiohttpUpstream.start() was not awaited"
         try:
             response = await self._session.request(
@@ -107,7 +113,7 @@ class AiohttpUpstream:
                 data=body or None,
                 allow_redirects=False,
             )
-        except (aiohttp.ServerTimeoutError, asyncio.TimeoutError) as exc:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream did not respond in time: {_describe(exc)}") from exc
         except aiohttp.ClientResponseError as exc:
             raise UpstreamProtocolError(f"upstream sent an invalid HTTP response: {_describe(exc)}") from exc
@@ -149,8 +155,12 @@ class HttpxUpstream:
     def __init__(
         self, *, connect_timeout: float, read_timeout: float, max_connections: int, aiohttp_transport: bool
     ) -> None:
-        self._timeout = httpx.Timeout(connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None)
-        self._limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        self._timeout = httpx.Timeout(
+            connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None
+        )
+        self._limits = httpx.Limits(
+            max_connections=max_connections, max_keepalive_connections=max_connections
+        )
         self._aiohttp_transport = aiohttp_transport
         self._client: httpx.AsyncClient | None = None
 
@@ -164,7 +174,9 @@ class HttpxUpstream:
             transport = httpx.AsyncHTTPTransport(limits=self._limits)
         self._client = httpx.AsyncClient(transport=transport, timeout=self._timeout, follow_redirects=False)
 
-    async def send(self, method: str, url: str, headers: list[tuple[str, str]], body: bytes) -> UpstreamResponse:
+    async def send(
+        self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
+    ) -> UpstreamResponse:
         assert self._client is not None, "HttpxUpstream.start() was not awaited"
         # httpx.Request directly, not client.build_request(): the client's default headers would be added.
         request = httpx.Request(method, url, headers=headers, content=body)

@@ -39,7 +39,11 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 
 def upstream_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
     """ASGI request headers (lower-case bytes) → headers to send upstream."""
-    drop = _REQUEST_DROP | _connection_tokens(headers) if any(n == b"connection" for n, _ in headers) else _REQUEST_DROP
+    drop = (
+        _REQUEST_DROP | _connection_tokens(headers)
+        if any(n == b"connection" for n, _ in headers)
+        else _REQUEST_DROP
+    )
     return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers if name not in drop]
 
 

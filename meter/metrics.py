@@ -58,7 +58,9 @@ class LabelBudget:
 
 
 class ProxyMetrics:
-    def __init__(self, registry: CollectorRegistry, *, max_models: int = 100, models: Iterable[str] = ()) -> None:
+    def __init__(
+        self, registry: CollectorRegistry, *, max_models: int = 100, models: Iterable[str] = ()
+    ) -> None:
         self.model_label = LabelBudget(max_models, models)
         self.requests = Counter(
             "meter_requests",

@@ -163,7 +163,9 @@ class Proxy:
                 x.status = CLIENT_CLOSED_REQUEST
 
     async def _relay(self, response: UpstreamResponse, send: Send, x: _Exchange) -> None:
-        lowered = {name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers}
+        lowered = {
+            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers
+        }
         observer = ResponseObserver(
             x.endpoint,
             status_code=response.status,
@@ -200,7 +202,9 @@ class Proxy:
         limit = self._max_request_bytes
         declared = next((v for n, v in headers if n == b"content-length"), None)
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            raise RequestTooLarge(f"request body of {int(declared)} bytes exceeds meter's limit of {limit} bytes")
+            raise RequestTooLarge(
+                f"request body of {int(declared)} bytes exceeds meter's limit of {limit} bytes"
+            )
         parts: list[bytes] = []
         size = 0
         while True:
@@ -231,7 +235,10 @@ class Proxy:
             {
                 "type": "http.response.start",
                 "status": exc.status_code,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(body)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -93,7 +93,9 @@ class UsageRecord:
     overhead_ms: float | None = None  # time meter itself added (see meter.proxy)
     server_ttft_ms: float | None = None  # fireworks-server-time-to-first-token
     server_processing_ms: float | None = None  # fireworks-server-processing-time
-    upstream_metrics: dict[str, float] = field(default_factory=dict)  # other numeric fireworks-* / perf_metrics
+    upstream_metrics: dict[str, float] = field(
+        default_factory=dict
+    )  # other numeric fireworks-* / perf_metrics
     request_bytes: int = 0
     response_bytes: int = 0
     error: str | None = None  # short reason for proxy errors and upstream error messages
@@ -101,5 +103,9 @@ class UsageRecord:
     @property
     def usage(self) -> Usage:
         return Usage(
-            self.prompt_tokens, self.completion_tokens, self.cached_tokens, self.reasoning_tokens, self.total_tokens
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.cached_tokens,
+            self.reasoning_tokens,
+            self.total_tokens,
         )

@@ -148,9 +148,7 @@ def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
     """
     unknown = sorted(name for name in environ if name.startswith("METER_") and name not in ENVIRONMENT)
     if unknown:
-        raise SettingsError(
-            f"unknown setting {unknown[0]}; known settings: {', '.join(sorted(ENVIRONMENT))}"
-        )
+        raise SettingsError(f"unknown setting {unknown[0]}; known settings: {', '.join(sorted(ENVIRONMENT))}")
     values: dict[str, Any] = {}
     for env, (field, parser) in ENVIRONMENT.items():
         if env in environ:

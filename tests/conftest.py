@@ -91,7 +91,7 @@ def start_meter(tmp_path: Path) -> Iterator[Callable[..., MeterHandle]]:
     with ExitStack() as stack:
 
         def start(upstream_url: str, **overrides: Any) -> MeterHandle:
-            db_path = tmp_path / f"meter-{len(stack._exit_callbacks)}.db"  # noqa: SLF001
+            db_path = tmp_path / f"meter-{len(stack._exit_callbacks)}.db"
             environ = {"METER_DATABASE_URL": f"sqlite:///{db_path}", "METER_UPSTREAM_URL": upstream_url}
             settings = load_settings(environ, **overrides)
             app = create_app(settings, registry=CollectorRegistry())

@@ -22,8 +22,11 @@ def assert_openai_error(response: httpx.Response, status: int, code: str) -> dic
 
 def test_invalid_json_is_forwarded_unchanged_and_recorded(meter, simulator):
     body = b'{"model": "m", "messages": [oops'
-    response = httpx.post(f"{meter.base_url}/chat/completions", content=body,
-                          headers={**AUTH, "Content-Type": "application/json"})
+    response = httpx.post(
+        f"{meter.base_url}/chat/completions",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/json"},
+    )
     assert response.status_code == 400
     assert simulator.sim.received[-1].body == body
     row = meter.rows(1)[0]
@@ -32,8 +35,11 @@ def test_invalid_json_is_forwarded_unchanged_and_recorded(meter, simulator):
 
 
 def test_non_json_content_type_and_empty_body_pass_through(meter, simulator):
-    r1 = httpx.post(f"{meter.base_url}/chat/completions", content=b"model=m", headers={
-        **AUTH, "Content-Type": "application/x-www-form-urlencoded"})
+    r1 = httpx.post(
+        f"{meter.base_url}/chat/completions",
+        content=b"model=m",
+        headers={**AUTH, "Content-Type": "application/x-www-form-urlencoded"},
+    )
     r2 = httpx.post(f"{meter.base_url}/chat/completions", content=b"", headers=AUTH)
     assert r1.status_code == 400 and r2.status_code == 400
     assert [r.body for r in list(simulator.sim.received)[-2:]] == [b"model=m", b""]
@@ -57,8 +63,12 @@ def test_20mb_body_passes_through_unchanged(meter, simulator):
     text = "word " * (4 * 1024 * 1024)  # 20 MiB of prompt
     body = ('{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"' + text + '"}]}').encode()
     assert len(body) > 20 * 1024 * 1024
-    response = httpx.post(f"{meter.base_url}/chat/completions", content=body,
-                          headers={**AUTH, "Content-Type": "application/json"}, timeout=60)
+    response = httpx.post(
+        f"{meter.base_url}/chat/completions",
+        content=body,
+        headers={**AUTH, "Content-Type": "application/json"},
+        timeout=60,
+    )
     assert response.status_code == 200
     assert simulator.sim.received[-1].body == body
     row = meter.rows(1)[0]
@@ -98,8 +108,11 @@ def test_upstream_down_gives_502(start_meter, client):
 @pytest.mark.parametrize("client", ["aiohttp", "httpx"])
 def test_upstream_slow_gives_504(start_meter, simulator, client):
     meter = start_meter(simulator.url, upstream_read_timeout=0.2, upstream_client=client)
-    response = httpx.post(f"{meter.base_url}/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
-                          headers={**AUTH, "x-sim-ttft-ms": "2000"})
+    response = httpx.post(
+        f"{meter.base_url}/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={**AUTH, "x-sim-ttft-ms": "2000"},
+    )
     assert_openai_error(response, 504, "upstream_timeout")
     row = meter.rows(1)[0]
     assert row["outcome"] == "proxy_error" and row["status_code"] == 504
@@ -108,8 +121,11 @@ def test_upstream_slow_gives_504(start_meter, simulator, client):
 def test_streaming_works_with_every_upstream_client(start_meter, simulator):
     for client in ("httpx", "httpx-aiohttp"):
         meter = start_meter(simulator.url, upstream_client=client)
-        chunks = list(openai.OpenAI(base_url=meter.base_url, api_key="fw-k", max_retries=0).chat.completions.create(
-            model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True))
+        chunks = list(
+            openai.OpenAI(base_url=meter.base_url, api_key="fw-k", max_retries=0).chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=4, stream=True
+            )
+        )
         assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
         row = meter.rows(1)[0]
         assert row["completion_tokens"] == 4 and row["outcome"] == "ok"

@@ -30,8 +30,12 @@ def clients(base_url: str) -> openai.OpenAI:
 
 
 def test_chat_non_streaming_equals_direct(meter, simulator):
-    direct = clients(f"{simulator.url}/v1").chat.completions.create(model="llama-v3p1-8b", messages=MESSAGES, max_tokens=5)
-    via = clients(meter.base_url).chat.completions.create(model="llama-v3p1-8b", messages=MESSAGES, max_tokens=5)
+    direct = clients(f"{simulator.url}/v1").chat.completions.create(
+        model="llama-v3p1-8b", messages=MESSAGES, max_tokens=5
+    )
+    via = clients(meter.base_url).chat.completions.create(
+        model="llama-v3p1-8b", messages=MESSAGES, max_tokens=5
+    )
     assert strip(via.model_dump()) == strip(direct.model_dump())
     row = meter.rows(1)[0]
     expected_prompt = count_prompt_tokens({"messages": MESSAGES})
@@ -40,7 +44,10 @@ def test_chat_non_streaming_equals_direct(meter, simulator):
     assert row["response_model"] == via.model
     assert row["response_id"] == via.id
     assert (row["prompt_tokens"], row["completion_tokens"], row["total_tokens"]) == (
-        expected_prompt, 5, expected_prompt + 5)
+        expected_prompt,
+        5,
+        expected_prompt + 5,
+    )
     assert row["usage_source"] == "reported"
     assert row["outcome"] == "ok" and row["status_code"] == 200 and row["stream"] == 0
     assert row["finish_reason"] == "length"
@@ -68,9 +75,16 @@ def test_chat_streaming_equals_direct(meter, simulator):
 
 def test_include_usage_chunk_and_n_greater_than_one_count_once(meter):
     client = clients(meter.base_url)
-    chunks = list(client.chat.completions.create(
-        model="m", messages=MESSAGES, max_tokens=3, n=2, stream=True, stream_options={"include_usage": True}
-    ))
+    chunks = list(
+        client.chat.completions.create(
+            model="m",
+            messages=MESSAGES,
+            max_tokens=3,
+            n=2,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     assert chunks[-1].usage is not None
     row = meter.rows(1)[0]
     assert row["completion_tokens"] == chunks[-1].usage.completion_tokens
@@ -84,9 +98,13 @@ async def test_async_client_all_endpoints(meter, simulator):
     completion = await client.completions.create(model="m2", prompt="one two three", max_tokens=3)
     embedding = await client.embeddings.create(model="nomic-ai/nomic-embed-text-v1.5", input=["a b", "c"])
     response = await client.responses.create(model="m3", input="tell me a story", max_output_tokens=5)
-    stream = await client.responses.create(model="m3", input="tell me a story", max_output_tokens=5, stream=True)
+    stream = await client.responses.create(
+        model="m3", input="tell me a story", max_output_tokens=5, stream=True
+    )
     events = [event async for event in stream]
-    stream_chat = await client.chat.completions.create(model="m1", messages=MESSAGES, max_tokens=2, stream=True)
+    stream_chat = await client.chat.completions.create(
+        model="m1", messages=MESSAGES, max_tokens=2, stream=True
+    )
     _ = [c async for c in stream_chat]
     await client.close()
     rows = {(r["endpoint"], r["stream"]): r for r in meter.rows(6)}
@@ -95,17 +113,24 @@ async def test_async_client_all_endpoints(meter, simulator):
     assert rows[("/v1/embeddings", 0)]["prompt_tokens"] == embedding.usage.prompt_tokens
     assert rows[("/v1/embeddings", 0)]["completion_tokens"] is None
     assert rows[("/v1/responses", 0)]["completion_tokens"] == response.usage.output_tokens == 5
-    completed = [e for e in events if e.type == "response.completed"][0]
+    completed = next(e for e in events if e.type == "response.completed")
     assert rows[("/v1/responses", 1)]["prompt_tokens"] == completed.response.usage.input_tokens
     assert rows[("/v1/responses", 1)]["completion_tokens"] == 5
     assert all(r["usage_source"] == "reported" for r in rows.values())
     assert rows[("/v1/chat/completions", 1)]["completion_tokens"] == 2
 
 
-@pytest.mark.parametrize("code, exc", [
-    (400, openai.BadRequestError), (401, openai.AuthenticationError), (404, openai.NotFoundError),
-    (429, openai.RateLimitError), (500, openai.InternalServerError), (503, openai.InternalServerError),
-])
+@pytest.mark.parametrize(
+    "code, exc",
+    [
+        (400, openai.BadRequestError),
+        (401, openai.AuthenticationError),
+        (404, openai.NotFoundError),
+        (429, openai.RateLimitError),
+        (500, openai.InternalServerError),
+        (503, openai.InternalServerError),
+    ],
+)
 def test_upstream_errors_pass_through_and_are_recorded(meter, simulator, code, exc):
     def call(base_url: str) -> openai.APIStatusError:
         with pytest.raises(exc) as info:
@@ -150,7 +175,9 @@ def test_many_concurrent_requests_each_recorded_once(meter):
 
         async def one(i: int) -> None:
             if i % 2:
-                stream = await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3, stream=True)
+                stream = await client.chat.completions.create(
+                    model="m", messages=MESSAGES, max_tokens=3, stream=True
+                )
                 _ = [c async for c in stream]
             else:
                 await client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=3)

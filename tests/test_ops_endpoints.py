@@ -33,9 +33,17 @@ def test_metrics_text_and_openmetrics(meter):
     text = httpx.get(f"{meter.url}/metrics")
     assert text.headers["content-type"].startswith("text/plain")
     families = {f.name: f for f in text_string_to_metric_families(text.text)}
-    requests = {tuple(sorted(s.labels.items())): s.value for s in families["meter_requests"].samples
-                if s.name == "meter_requests_total"}
-    key = (("endpoint", "/v1/chat/completions"), ("model", "m-b"), ("status_code", "200"), ("team", "unassigned"))
+    requests = {
+        tuple(sorted(s.labels.items())): s.value
+        for s in families["meter_requests"].samples
+        if s.name == "meter_requests_total"
+    }
+    key = (
+        ("endpoint", "/v1/chat/completions"),
+        ("model", "m-b"),
+        ("status_code", "200"),
+        ("team", "unassigned"),
+    )
     assert requests[key] == 3
     assert "fw-team-a-1111" not in text.text
     om = httpx.get(f"{meter.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
@@ -54,9 +62,13 @@ def test_admin_usage_and_requests(start_meter, simulator):
     _traffic(meter.base_url)
     meter.rows(5)
     assert httpx.get(f"{meter.url}/admin/v1/usage").status_code == 401
-    assert httpx.get(f"{meter.url}/admin/v1/usage", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    assert (
+        httpx.get(f"{meter.url}/admin/v1/usage", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    )
     auth = {"Authorization": "Bearer s3cret-admin-token"}
-    usage = httpx.get(f"{meter.url}/admin/v1/usage", params={"group_by": "model"}, headers=auth).json()["data"]
+    usage = httpx.get(f"{meter.url}/admin/v1/usage", params={"group_by": "model"}, headers=auth).json()[
+        "data"
+    ]
     by_model = {row["requested_model"]: row for row in usage}
     assert by_model["m-a"]["requests"] == 2 and by_model["m-b"]["requests"] == 3
     assert by_model["m-b"]["completion_tokens"] == 12
@@ -74,8 +86,11 @@ def test_usage_cli_formats(meter):
     meter.rows(5)
     runner = CliRunner()
     db = f"sqlite:///{meter.db_path}"
-    as_json = runner.invoke(main, ["usage", "--database", db, "--group-by", "key", "--format", "json"],
-                            env={"METER_DATABASE_URL": None})
+    as_json = runner.invoke(
+        main,
+        ["usage", "--database", db, "--group-by", "key", "--format", "json"],
+        env={"METER_DATABASE_URL": None},
+    )
     assert as_json.exit_code == 0, as_json.output
     rows = json.loads(as_json.output)
     assert sorted(r["requests"] for r in rows) == [2, 3]

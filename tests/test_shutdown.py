@@ -37,7 +37,7 @@ def test_sigterm_lets_streams_finish_and_flushes_records(tmp_path: Path) -> None
                         if chunk.choices:
                             text += chunk.choices[0].delta.content or ""
                     results.append(text)
-                except BaseException as exc:  # noqa: BLE001 - reported below
+                except BaseException as exc:
                     errors.append(exc)
 
             threads = [threading.Thread(target=stream) for _ in range(8)]
@@ -56,4 +56,3 @@ def test_sigterm_lets_streams_finish_and_flushes_records(tmp_path: Path) -> None
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT outcome, completion_tokens FROM usage_events").fetchall()
     assert rows == [("ok", 30)] * 8
-

@@ -11,10 +11,11 @@ import httpx
 from tests.conftest import wait_for
 from tests.support.upstreams import Script
 
+_HEAD = b'data: {"id":"c1","object":"chat.completion.chunk","model":"m",'
 SSE_CHUNKS = [
-    b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n',
-    b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n',
-    b'data: {"id":"c1","object":"chat.completion.chunk","model":"m","choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+    _HEAD + b'"choices":[{"index":0,"delta":{"role":"assistant"}}]}\n\n',
+    _HEAD + b'"choices":[{"index":0,"delta":{"content":"Hello"}}]}\n\n',
+    _HEAD + b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
     b'"usage":{"prompt_tokens":7,"completion_tokens":1,"total_tokens":8}}\n\n',
     b"data: [DONE]\n\n",
 ]
@@ -51,8 +52,17 @@ def test_request_bytes_path_query_and_headers_reach_upstream_unchanged(scripted,
     assert headers[b"host"] == f"127.0.0.1:{server.port}".encode()
     assert b"x-hop" not in names and b"keep-alive" not in names
     # meter's HTTP client adds nothing of its own (no user-agent, accept or accept-encoding defaults)
-    client_names = {b"authorization", b"x-custom", b"content-type", b"content-length", b"host",
-                    b"accept", b"accept-encoding", b"user-agent", b"connection"}
+    client_names = {
+        b"authorization",
+        b"x-custom",
+        b"content-type",
+        b"content-length",
+        b"host",
+        b"accept",
+        b"accept-encoding",
+        b"user-agent",
+        b"connection",
+    }
     assert set(names) <= client_names
     assert headers.get(b"user-agent", b"").startswith(b"python-httpx")
 
@@ -92,15 +102,20 @@ def test_gzip_body_is_relayed_compressed_and_still_metered(scripted, start_meter
     import gzip
 
     upstream, server = scripted
-    plain = b'{"id":"x","model":"m","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+    plain = (
+        b'{"id":"x","model":"m","choices":[{"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}'
+    )
     compressed = gzip.compress(plain)
     upstream.script = Script(
         headers=[(b"content-type", b"application/json"), (b"content-encoding", b"gzip")], chunks=[compressed]
     )
     meter = start_meter(server.url)
-    with httpx.Client() as client:
-        with client.stream("POST", f"{meter.url}/v1/chat/completions", json={"model": "m"}) as response:
-            raw = b"".join(response.iter_raw())
+    with (
+        httpx.Client() as client,
+        client.stream("POST", f"{meter.url}/v1/chat/completions", json={"model": "m"}) as response,
+    ):
+        raw = b"".join(response.iter_raw())
     assert raw == compressed
     row = meter.rows(1)[0]
     assert (row["prompt_tokens"], row["completion_tokens"], row["usage_source"]) == (3, 4, "reported")
@@ -110,22 +125,23 @@ def test_stream_chunks_are_relayed_as_they_arrive(scripted, start_meter):
     """Chunk 2 is held by the upstream until the client has seen chunk 1: a buffering proxy deadlocks."""
     upstream, server = scripted
     gates = {i: threading.Event() for i in range(1, len(SSE_CHUNKS))}
-    upstream.script = Script(headers=[(b"content-type", b"text/event-stream")], chunks=SSE_CHUNKS, gates=gates)
+    upstream.script = Script(
+        headers=[(b"content-type", b"text/event-stream")], chunks=SSE_CHUNKS, gates=gates
+    )
     meter = start_meter(server.url)
     received: list[bytes] = []
-    with httpx.Client(timeout=10) as client:
-        with client.stream(
-            "POST", f"{meter.url}/v1/chat/completions", json={"model": "m", "stream": True}
-        ) as response:
-            chunks = response.iter_raw()
-            for index, expected in enumerate(SSE_CHUNKS):
-                got = b""
-                while len(got) < len(expected):
-                    got += next(chunks)
-                assert got == expected
-                received.append(got)
-                if index + 1 in gates:
-                    gates[index + 1].set()
+    with httpx.Client(timeout=10) as client, client.stream(
+        "POST", f"{meter.url}/v1/chat/completions", json={"model": "m", "stream": True}
+    ) as response:
+        chunks = response.iter_raw()
+        for index, expected in enumerate(SSE_CHUNKS):
+            got = b""
+            while len(got) < len(expected):
+                got += next(chunks)
+            assert got == expected
+            received.append(got)
+            if index + 1 in gates:
+                gates[index + 1].set()
     assert b"".join(received) == b"".join(SSE_CHUNKS)
     row = meter.rows(1)[0]
     assert row["outcome"] == "ok" and row["stream"] == 1
@@ -136,17 +152,20 @@ def test_stream_chunks_are_relayed_as_they_arrive(scripted, start_meter):
 def test_client_disconnect_closes_upstream_connection_and_records_abort(scripted, start_meter):
     upstream, server = scripted
     gates = {2: threading.Event()}  # never released: the upstream "generates" forever
-    upstream.script = Script(headers=[(b"content-type", b"text/event-stream")], chunks=SSE_CHUNKS, gates=gates)
+    upstream.script = Script(
+        headers=[(b"content-type", b"text/event-stream")], chunks=SSE_CHUNKS, gates=gates
+    )
     meter = start_meter(server.url)
-    with httpx.Client(timeout=10) as client:
-        with client.stream(
-            "POST", f"{meter.url}/v1/chat/completions", json={"model": "m", "stream": True},
-            headers={"Authorization": "Bearer fw-abcdefgh"},
-        ) as response:
-            got = b""
-            chunks = response.iter_raw()
-            while len(got) < len(SSE_CHUNKS[0]) + len(SSE_CHUNKS[1]):
-                got += next(chunks)
+    with httpx.Client(timeout=10) as client, client.stream(
+        "POST",
+        f"{meter.url}/v1/chat/completions",
+        json={"model": "m", "stream": True},
+        headers={"Authorization": "Bearer fw-abcdefgh"},
+    ) as response:
+        got = b""
+        chunks = response.iter_raw()
+        while len(got) < len(SSE_CHUNKS[0]) + len(SSE_CHUNKS[1]):
+            got += next(chunks)
         # leaving the block closes the client's connection mid-stream
     assert upstream.disconnected.wait(5), "meter did not close the upstream connection"
     row = meter.rows(1)[0]
@@ -166,7 +185,8 @@ def test_client_disconnect_while_waiting_for_first_byte(scripted, start_meter):
     body = b'{"model":"m","stream":true}'
     sock.sendall(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+        + f"Content-Length: {len(body)}\r\n\r\n".encode()
+        + body
     )
     wait_for(lambda: upstream.received, message="upstream to get the request")
     sock.close()

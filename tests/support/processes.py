@@ -25,7 +25,9 @@ def meter_command() -> list[str]:
 
 
 class Process:
-    def __init__(self, args: Sequence[str], *, env: dict[str, str], port: int, log: Path, ready_path: str) -> None:
+    def __init__(
+        self, args: Sequence[str], *, env: dict[str, str], port: int, log: Path, ready_path: str
+    ) -> None:
         self.args = list(args)
         self.env = env
         self.port = port
@@ -77,19 +79,41 @@ def simulator_process(tmp: Path, *extra: str) -> Process:
     port = free_port()
     return Process(
         [*meter_command(), "simulate", "--port", str(port), *extra],
-        env=dict(os.environ), port=port, log=tmp / f"simulator-{port}.log", ready_path="/_sim/stats",
+        env=dict(os.environ),
+        port=port,
+        log=tmp / f"simulator-{port}.log",
+        ready_path="/_sim/stats",
     )
 
 
-def meter_process(tmp: Path, upstream: str, database_url: str, *extra: str, env: dict[str, str] | None = None,
-                  port: int | None = None) -> Process:
+def meter_process(
+    tmp: Path,
+    upstream: str,
+    database_url: str,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    port: int | None = None,
+) -> Process:
     port = port or free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
     environment.update({"METER_KEY_SECRET": "test-secret-0123456789abcdef", "METER_LOG_LEVEL": "warning"})
     environment.update(env or {})
     return Process(
-        [*meter_command(), "serve", "--port", str(port), "--upstream", upstream, "--database", database_url, *extra],
-        env=environment, port=port, log=tmp / f"meter-{port}.log", ready_path="/healthz",
+        [
+            *meter_command(),
+            "serve",
+            "--port",
+            str(port),
+            "--upstream",
+            upstream,
+            "--database",
+            database_url,
+            *extra,
+        ],
+        env=environment,
+        port=port,
+        log=tmp / f"meter-{port}.log",
+        ready_path="/healthz",
     )
 
 

@@ -27,7 +27,13 @@ class RunningServer:
 @contextmanager
 def serve_in_thread(app: Any, *, lifespan: str = "auto", timeout: float = 10.0) -> Iterator[RunningServer]:
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=0, lifespan=lifespan, log_level="warning", loop="asyncio", http="httptools"
+        app,
+        host="127.0.0.1",
+        port=0,
+        lifespan=lifespan,
+        log_level="warning",
+        loop="asyncio",
+        http="httptools",
     )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)

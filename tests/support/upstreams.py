@@ -46,8 +46,12 @@ class ScriptedUpstream:
             if not message.get("more_body"):
                 break
         request = Received(
-            scope["method"], scope["path"], scope.get("raw_path") or b"", scope["query_string"],
-            list(scope["headers"]), body,
+            scope["method"],
+            scope["path"],
+            scope.get("raw_path") or b"",
+            scope["query_string"],
+            list(scope["headers"]),
+            body,
         )
         self.received.append(request)
         script = self.script
