@@ -44,6 +44,8 @@ def _configure_logging(level: str) -> None:
     logging.basicConfig(
         level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    if level != "debug":
+        logging.getLogger("alembic").setLevel(logging.WARNING)  # per-plugin set-up lines are noise
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

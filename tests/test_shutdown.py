@@ -56,3 +56,22 @@ def test_sigterm_lets_streams_finish_and_flushes_records(tmp_path: Path) -> None
     with sqlite3.connect(db) as conn:
         rows = conn.execute("SELECT outcome, completion_tokens FROM usage_events").fetchall()
     assert rows == [("ok", 30)] * 8
+
+
+@pytest.mark.slow
+def test_several_workers_share_one_database_and_one_key_secret(tmp_path: Path) -> None:
+    db = tmp_path / "meter.db"
+    with simulator_process(tmp_path) as sim:
+        # no METER_KEY_SECRET: the workers must agree on the one generated beside the database
+        meter = meter_process(tmp_path, sim.url, f"sqlite:///{db}", "--workers", "2", env={"METER_KEY_SECRET": ""})
+        meter.env.pop("METER_KEY_SECRET")
+        with meter:
+            for i in range(40):
+                client = openai.OpenAI(base_url=meter.url + "/v1", api_key="fw-workers-key", max_retries=0)
+                client.chat.completions.create(model=f"m{i % 3}", messages=[{"role": "user", "content": "x"}])
+            meter.signal(signal.SIGTERM)
+            meter.wait(30)
+    with sqlite3.connect(db) as conn:
+        rows = conn.execute("SELECT COUNT(*), COUNT(DISTINCT key_fingerprint) FROM usage_events").fetchone()
+    assert rows == (40, 1)
+    assert (tmp_path / "meter.key").exists()
