@@ -26,7 +26,7 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 from meter.errors import MeterError, RequestTooLarge, UpstreamError
 from meter.forward import Upstream, UpstreamResponse
@@ -41,6 +41,30 @@ Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
 CLIENT_CLOSED_REQUEST = 499  # recorded status when the client left before the upstream answered
+
+
+class TraceHook(Protocol):
+    """Tracing, when enabled (see :mod:`meter.tracing`). Absent, the forward path pays nothing for it."""
+
+    def start(self, scope: Scope, info: RequestInfo, start_time_ns: int) -> Any:
+        """Open a span for the request; the return value is handed back to the other two methods."""
+        ...
+
+    def propagation_headers(self, span: Any) -> list[tuple[str, str]]:
+        """Headers (``traceparent``, ``tracestate``) that replace the client's on the upstream request."""
+        ...
+
+    def finish(self, span: Any, record: UsageRecord) -> None: ...
+
+
+def replace_headers(
+    headers: list[tuple[str, str]], replacements: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` with every header named in ``replacements`` replaced (case-insensitive names)."""
+    if not replacements:
+        return headers
+    names = {name.lower() for name, _ in replacements}
+    return [(n, v) for n, v in headers if n.lower() not in names] + replacements
 
 
 class _Exchange:
@@ -59,6 +83,7 @@ class _Exchange:
         "request_bytes",
         "request_id",
         "response_bytes",
+        "span",
         "status",
         "t_client_headers",
         "t_forward",
@@ -78,6 +103,7 @@ class _Exchange:
         self.observation: Observation | None = None
         self.request_bytes = 0
         self.response_bytes = 0
+        self.span: Any = None
         self.status = 0
         self.t_forward: float | None = None
         self.t_upstream_headers: float | None = None
@@ -94,8 +120,10 @@ class Proxy:
         emit: Callable[[UsageRecord], None],
         max_request_bytes: int,
         on_observe_error: Callable[[str], None] | None = None,
+        tracer: TraceHook | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
+        self._tracer = tracer
         self._upstream = upstream
         self._base = upstream_url.rstrip("/")
         self._fingerprinter = fingerprinter
@@ -106,14 +134,19 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         t0 = self._clock()
-        started_at = datetime.now(UTC)
+        start_ns = time.time_ns()
         x = _Exchange(scope["path"])
         try:
-            await self._handle(scope, receive, send, x, t0)
+            await self._handle(scope, receive, send, x, t0, start_ns)
         finally:
-            self._emit(self._record(scope, x, t0, started_at))
+            record = self._record(scope, x, t0, datetime.fromtimestamp(start_ns / 1e9, UTC))
+            self._emit(record)
+            if x.span is not None and self._tracer is not None:
+                self._tracer.finish(x.span, record)
 
-    async def _handle(self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float) -> None:
+    async def _handle(
+        self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float, start_ns: int
+    ) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         try:
             body = await self._read_body(headers, receive, x)
@@ -132,6 +165,10 @@ class Proxy:
         if key is not None:
             identity = self._fingerprinter.identify(key)
             x.key_fingerprint, x.key_suffix = identity.fingerprint, identity.suffix
+        upstream_headers = upstream_request_headers(headers)
+        if self._tracer is not None:
+            x.span = self._tracer.start(scope, x.info, start_ns)
+            upstream_headers = replace_headers(upstream_headers, self._tracer.propagation_headers(x.span))
 
         task = asyncio.current_task()
         assert task is not None
@@ -139,9 +176,7 @@ class Proxy:
         response: UpstreamResponse | None = None
         try:
             x.t_forward = self._clock()
-            response = await self._upstream.send(
-                scope["method"], self._url(scope), upstream_request_headers(headers), body
-            )
+            response = await self._upstream.send(scope["method"], self._url(scope), upstream_headers, body)
             x.t_upstream_headers = self._clock()
             await self._relay(response, send, x)
         except UpstreamError as exc:
