@@ -14,9 +14,11 @@ let in-flight requests finish within the grace period).
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar
 from litestar.exceptions import HTTPException
@@ -35,10 +37,15 @@ from meter.forward import Upstream, create_upstream
 from meter.health import ROUTES as HEALTH_ROUTES
 from meter.health import ReadinessProbe
 from meter.identity import KeyFingerprinter, load_key_secret
-from meter.metrics import ProxyMetrics
+from meter.metrics import ProxyMetrics, exposition_registry
 from meter.proxy import Proxy
 from meter.records import UsageRecord
+from meter.requestlog import RequestLog, resolve_format
 from meter.settings import Settings
+from meter.tracing import GenAIMetrics, GenAITracer, configure_from_environment, shutdown_telemetry
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import MeterProvider
 
 log = logging.getLogger("meter")
 
@@ -61,13 +68,17 @@ class Runtime:
     fingerprinter: KeyFingerprinter
     engine: AsyncEngine | None = None
     writer: BatchWriter | None = None
+    tracer: GenAITracer | None = None
+    meter_provider: MeterProvider | None = None
+    request_log: RequestLog | None = None
+    sinks: list[Callable[[UsageRecord], None]] = field(default_factory=list)  # telemetry, after metrics
     extra_sinks: list[Any] = field(default_factory=list)
 
     def emit(self, record: UsageRecord) -> None:
         # Billing data first: a failing telemetry sink must never cost a record.
         if self.writer is not None:
             self.writer.submit(record)
-        for sink in (self.metrics.observe, *self.extra_sinks):
+        for sink in (self.metrics.observe, *self.sinks, *self.extra_sinks):
             try:
                 sink(record)
             except Exception:
@@ -96,9 +107,26 @@ class MeterApp:
             gauge.dec()
 
 
-def create_app(settings: Settings, *, registry: CollectorRegistry | None = None) -> MeterApp:
+def create_app(
+    settings: Settings,
+    *,
+    registry: CollectorRegistry | None = None,
+    tracer: GenAITracer | None = None,
+    meter_provider: MeterProvider | None = None,
+) -> MeterApp:
+    """``tracer`` / ``meter_provider``: OpenTelemetry set up by the caller (tests: in-memory exporters);
+    when both are None, ``settings.otel_environment`` decides (off unless it configures an exporter)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ProxyMetrics(registry)
+    if tracer is None and meter_provider is None:
+        tracer, meter_provider = configure_from_environment(
+            settings.otel_environment, upstream_url=settings.upstream_url, metrics=metrics
+        )
+    request_log = RequestLog(
+        logging.getLogger("meter.requests"),
+        resolve_format(settings.log_format),
+        on_drop=metrics.telemetry_dropped,
+    )
     upstream = create_upstream(
         settings.upstream_client,
         connect_timeout=settings.upstream_connect_timeout,
@@ -111,7 +139,20 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         metrics=metrics,
         upstream=upstream,
         fingerprinter=KeyFingerprinter(load_key_secret(settings)),
+        tracer=tracer,
+        meter_provider=meter_provider,
+        request_log=request_log,
     )
+    runtime.sinks.append(request_log)
+    if meter_provider is not None:
+        runtime.sinks.append(
+            GenAIMetrics(
+                meter_provider,
+                upstream_url=settings.upstream_url,
+                model_label=metrics.model_label,
+                team_label=metrics.team_label,
+            )
+        )
     pending = Gauge(
         "meter_writer_pending_events", "Usage records waiting for the database writer.", registry=registry
     )
@@ -141,6 +182,9 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
             await runtime.writer.stop(timeout=settings.shutdown_grace)
         if runtime.engine is not None:
             await runtime.engine.dispose()
+        # Telemetry last, so it still sees the requests that finished during the grace period.
+        await asyncio.to_thread(request_log.close)
+        await asyncio.to_thread(shutdown_telemetry, runtime.tracer, runtime.meter_provider)
 
     litestar = Litestar(
         route_handlers=[*HEALTH_ROUTES, admin_router()],
@@ -155,7 +199,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         ),
         logging_config=None,
     )
-    litestar.state.registry = registry
+    litestar.state.registry = exposition_registry(registry, settings.metrics_multiprocess_dir)
     litestar.state.admin_token = settings.admin_token
     litestar.state.readiness = ReadinessProbe(readiness_check)
     proxy = Proxy(
@@ -165,6 +209,7 @@ def create_app(settings: Settings, *, registry: CollectorRegistry | None = None)
         emit=runtime.emit,
         max_request_bytes=settings.max_request_bytes,
         on_observe_error=metrics.observe_error,
+        tracer=tracer,
     )
     return MeterApp(runtime, litestar, proxy)
 

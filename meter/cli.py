@@ -36,16 +36,14 @@ def worker_app() -> Any:
     from meter.app import create_app
 
     settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     return create_app(settings)
 
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(), stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    if level != "debug":
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # per-plugin set-up lines are noise
+def _configure_logging(settings: Settings) -> None:
+    from meter.requestlog import configure_logging, resolve_format
+
+    configure_logging(settings.log_level, resolve_format(settings.log_format), sys.stderr)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -69,17 +67,44 @@ def main() -> None:
     default=None,
     help="Log level [METER_LOG_LEVEL; default info].",
 )
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "text"]),
+    default=None,
+    help="Log lines as JSON or text; auto: text on a terminal [METER_LOG_FORMAT; default auto].",
+)
 def serve(**flags: Any) -> None:
     """Run the proxy."""
     settings = _settings(**flags)
-    _configure_logging(settings.log_level)
+    _configure_logging(settings)
     if settings.is_sqlite and settings.auto_migrate:
         # Migrate once here rather than racing in every worker's start-up.
         from meter.db.migrate import upgrade
 
         asyncio.run(upgrade(settings.database_url))
         settings = dataclasses.replace(settings, auto_migrate=False)
+    created_metrics_dir = None
+    if settings.workers > 1 or settings.metrics_multiprocess_dir:
+        # Several workers share one /metrics through prometheus-client's multiprocess files.
+        from meter.metrics import MULTIPROCESS_ENV, activate_multiprocess, prepare_multiprocess_dir
+
+        metrics_dir = prepare_multiprocess_dir(settings.metrics_multiprocess_dir)
+        if settings.metrics_multiprocess_dir is None:
+            created_metrics_dir = metrics_dir
+        os.environ[MULTIPROCESS_ENV] = metrics_dir  # read by prometheus_client in every worker
+        activate_multiprocess()  # this process too: with one worker, uvicorn serves in-process
+        settings = dataclasses.replace(settings, metrics_multiprocess_dir=metrics_dir)
     os.environ[_WORKER_SETTINGS] = json.dumps(dataclasses.asdict(settings))
+    try:
+        _run_server(settings)
+    finally:
+        if created_metrics_dir is not None:
+            from meter.metrics import remove_multiprocess_dir
+
+            remove_multiprocess_dir(created_metrics_dir)
+
+
+def _run_server(settings: Settings) -> None:
     logging.getLogger("meter").info(
         "meter listening on http://%s:%d, forwarding to %s, recording to %s",
         settings.host,
@@ -114,6 +139,7 @@ def serve(**flags: Any) -> None:
         http="httptools",
         lifespan="on",
         access_log=False,
+        log_config=None,  # uvicorn's own lines go through meter's handler (JSON or text)
         server_header=False,  # the upstream's own Server and Date headers pass through instead
         date_header=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),

@@ -42,6 +42,12 @@ class Settings:
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
     server: str = "uvicorn"  # "uvicorn" or "granian"
     log_level: str = "info"
+    log_format: str = "auto"  # "json", "text", or "auto": text on a terminal, JSON otherwise
+    # Every OTEL_* variable, for meter.tracing (OpenTelemetry is off unless they configure an exporter).
+    otel_environment: dict[str, str] = dataclasses.field(default_factory=dict)
+    # prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR; `meter serve --workers N`
+    # points it at a fresh directory when unset).
+    metrics_multiprocess_dir: str | None = None
     auto_migrate: bool = True  # run migrations at start (SQLite: always sensible; PostgreSQL: see README)
 
     @property
@@ -133,6 +139,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),
     "METER_SERVER": ("server", _choice("uvicorn", "granian")),
     "METER_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
+    "METER_LOG_FORMAT": ("log_format", _choice("auto", "json", "text")),
     "METER_AUTO_MIGRATE": ("auto_migrate", _parse_bool),
 }
 
@@ -160,6 +167,17 @@ def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
             raise SettingsError(f"unknown setting {field}")
         env, parser = _PARSERS[field]
         values[field] = _parse(f"{env} (or its flag)", parser, value) if isinstance(value, str) else value
+    otel = {name: value for name, value in environ.items() if name.startswith("OTEL_")}
+    if otel:
+        from meter.tracing import TelemetryConfigError, check_environment
+
+        try:
+            check_environment(otel)
+        except TelemetryConfigError as exc:
+            raise SettingsError(str(exc)) from None
+        values["otel_environment"] = otel
+    if environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        values["metrics_multiprocess_dir"] = environ["PROMETHEUS_MULTIPROC_DIR"]
     return dataclasses.replace(Settings(), **values)
 
 
