@@ -1,0 +1,117 @@
+"""The benchmark's targets: the simulator (``direct``) and each ``meter serve`` process, and what the
+bench reads from a running meter (writer backlog) and from a stopped one (records in its SQLite file).
+
+Every meter gets its own port and SQLite file, ``METER_KEY_SECRET`` and ``METER_UPSTREAM_CLIENT`` in its
+environment and no other ``METER_*`` variable (an unknown one would stop it at start-up).
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import procs
+
+
+@dataclass
+class Target:
+    name: str
+    kind: str  # "direct" or "meter"
+    url: str
+    server: str | None = None
+    client: str | None = None
+    process: procs.Process | None = None
+    db_path: Path | None = None
+    results: dict[str, Any] = field(default_factory=dict)
+    sim_requests: int = 0
+
+
+def _meter_env(client: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("METER_")}
+    env["METER_KEY_SECRET"] = "bench-secret-" + "0" * 32
+    env["METER_UPSTREAM_CLIENT"] = client
+    env["METER_LOG_LEVEL"] = "warning"
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _meter_command(*names: str) -> list[str]:
+    return [sys.executable, "-m", "meter", *names]
+
+
+def start_simulator(workdir: Path, pinning: procs.Pinning) -> tuple[procs.Process, str]:
+    port = procs.free_port()
+    process = procs.start(
+        "simulator", _meter_command("simulate", "--port", str(port)), workdir, cpus=pinning.load
+    )
+    url = f"http://127.0.0.1:{port}"
+    procs.wait_http(f"{url}/_sim/stats", process)
+    return process, url
+
+
+def start_meter(workdir: Path, pinning: procs.Pinning, sim_url: str, server: str, client: str) -> Target:
+    name = f"meter[{server},{client}]"
+    port = procs.free_port()
+    db_path = workdir / f"bench-{server}-{client}.db"
+    argv = _meter_command(
+        "serve",
+        "--port",
+        str(port),
+        "--upstream",
+        sim_url,
+        "--database",
+        f"sqlite:///{db_path}",
+        "--server",
+        server,
+        "--log-level",
+        "warning",
+    )
+    process = procs.start(name, argv, workdir, env=_meter_env(client), cpus=pinning.meter)
+    return Target(name, "meter", f"http://127.0.0.1:{port}", server, client, process, db_path)
+
+
+def writer_pending(target: Target) -> float:
+    for line in procs.get_text(f"{target.url}/metrics").splitlines():
+        if line.startswith("meter_writer_pending_events "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def wait_writer_idle(target: Target, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while writer_pending(target) > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
+def rss_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Peak RSS over the steps (each step's VmHWM is measured from a reset at its start)."""
+    steps = [(f"{rate} req/s", step) for rate, step in results.get("latency", {}).items()]
+    steps += [(f"{rate} streams/s", step) for rate, step in results.get("stream", {}).items()]
+    steps += [("max req/s", results.get("max_requests")), ("max streams/s", results.get("max_streams"))]
+    measured = [(name, step) for name, step in steps if step and step.get("rss_mb") is not None]
+    if not measured:
+        return {}
+    name, worst = max(measured, key=lambda item: item[1]["rss_mb"])
+    closed = [step["rss_mb"] for label, step in measured if label.startswith("max")]
+    return {
+        "serving_mb": worst["rss_mb"],
+        "total_mb": max(step["rss_total_mb"] for _, step in measured),
+        "peak_step": name,
+        "closed_loop_mb": max(closed) if closed else None,
+        "idle_mb": results.get("idle_rss_mb"),
+        "processes": worst.get("processes"),
+    }
+
+
+def count_records(db_path: Path) -> int | None:
+    try:
+        with sqlite3.connect(db_path) as conn:
+            row = conn.execute("SELECT count(*) FROM usage_events").fetchone()
+            return int(row[0])
+    except sqlite3.Error:
+        return None

@@ -1,0 +1,91 @@
+"""The benchmark runs end to end: ``python -m bench.run --quick`` starts the simulator and meter, drives
+both, and reports every section with numbers that make sense.
+
+Nothing here asserts a speed: timings on a shared two-core machine are for the report, not for a test.
+What is asserted is what a reader of the report relies on: each section is there, every request was
+answered without error, percentiles are ordered, and meter wrote one record per request it forwarded.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from bench.report import SECTIONS
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
+    out = tmp_path_factory.mktemp("bench") / "results.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    assert done.returncode == 0, f"bench failed:\n{done.stdout}\n{done.stderr}"
+    return done.stdout, json.loads(out.read_text())
+
+
+def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None:
+    text, _ = quick_run
+    for section in SECTIONS:
+        assert f"\n{section}  " in text, f"section {section} missing from:\n{text}"
+    assert "direct" in text and "meter[uvicorn,aiohttp]" in text
+    assert "PASS" in text or "MISS" in text
+
+
+def _ordered(summary: dict[str, Any]) -> None:
+    assert summary["n"] > 0
+    assert 0 < summary["p50"] <= summary["p90"] <= summary["p99"] <= summary["max"] < 60_000
+
+
+def test_every_target_was_measured_without_errors(quick_run: tuple[str, dict[str, Any]]) -> None:
+    _, results = quick_run
+    targets = {t["name"]: t for t in results["targets"]}
+    assert set(targets) == {"direct", "meter[uvicorn,aiohttp]"}
+    for target in targets.values():
+        for rate, step in target["latency"].items():
+            assert step["error_count"] == 0, (target["name"], rate, step["errors"])
+            assert step["achieved_rps"] > 0
+            _ordered(step["latency_ms"])
+        for rate, step in target["stream"].items():
+            assert step["error_count"] == 0, (target["name"], rate, step["errors"])
+            _ordered(step["ttft_ms"])
+            _ordered(step["latency_ms"])
+            assert step["ttft_ms"]["p50"] <= step["latency_ms"]["p50"]  # first token before the end
+        for key in ("max_requests", "max_streams"):
+            assert target[key]["error_count"] == 0, (target["name"], key, target[key]["errors"])
+            assert target[key]["achieved_rps"] > 0
+            assert target[key]["generator"]
+
+
+def test_meter_memory_and_records(quick_run: tuple[str, dict[str, Any]]) -> None:
+    _, results = quick_run
+    meter = next(t for t in results["targets"] if t["kind"] == "meter")
+    assert 10 < meter["rss"]["serving_mb"] < 10_000
+    assert meter["rss"]["idle_mb"] > 0
+    # everything on: one SQLite record per request meter forwarded to the simulator
+    assert meter["requests_seen"] > 0
+    assert meter["records_written"] == meter["requests_seen"]
+
+
+def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
+    _, results = quick_run
+    (comparison,) = results["comparison"]
+    assert comparison["throughput_ratio"]["requests"] > 0
+    assert comparison["throughput_ratio"]["streams"] > 0
+    names = {check["name"] for check in comparison["checks"]}
+    assert {"max non-streaming req/s", "max streams/s (20 chunks)", "peak RSS under load (VmHWM)"} <= names
+    for check in comparison["checks"]:
+        assert check["ok"] in (True, False, None)
