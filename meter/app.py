@@ -15,6 +15,7 @@ let in-flight requests finish within the grace period).
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,6 +176,11 @@ def create_app(
         await runtime.writer.start()
         await upstream.start()
         app.state.engine = runtime.engine
+        # Everything alive now (modules, the app) lives until exit: freeze it out of the collector's
+        # scans and collect less often. Unfrozen, full collections paused the loop ~70 ms under load.
+        gc.collect()
+        gc.freeze()
+        gc.set_threshold(50_000, 50, 100)
 
     async def on_shutdown(app: Litestar) -> None:
         await upstream.aclose()

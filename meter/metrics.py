@@ -31,6 +31,7 @@ import shutil
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, values
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -118,6 +119,7 @@ class ProxyMetrics:
     ) -> None:
         self.model_label = LabelBudget(max_models, models)
         self._team_budget = LabelBudget(max_teams, teams)
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.requests = Counter(
             "meter_requests",
             "Requests forwarded, by team, requested model, endpoint and the status meter returned.",
@@ -261,18 +263,26 @@ class ProxyMetrics:
     def telemetry_dropped(self, signal: str, reason: str, count: int = 1) -> None:
         self.telemetry_drops.labels(signal, reason).inc(count)
 
+    def _child(self, metric: Any, *values: str) -> Any:
+        # labels() validates and locks on every call (~2 µs); label sets are bounded, so memoise them.
+        key = (id(metric), values)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*values)
+        return child
+
     def observe(self, record: UsageRecord) -> None:
         team = self.team_label(record.team)
         raw_model = record.requested_model or record.response_model
         model = self.model_label(raw_model)
         if model == OTHER and raw_model and raw_model != OTHER:
-            self.label_overflow.labels("model").inc()
+            self._child(self.label_overflow, "model").inc()
         endpoint = self.endpoint_label(record.endpoint)
-        self.requests.labels(team, model, endpoint, str(record.status_code)).inc()
+        self._child(self.requests, team, model, endpoint, str(record.status_code)).inc()
         failure = error_type(record)
         if failure is not None:
-            self.errors.labels(team, model, failure).inc()
-        self.usage_source.labels(record.usage_source.value).inc()
+            self._child(self.errors, team, model, failure).inc()
+        self._child(self.usage_source, record.usage_source.value).inc()
         for kind, count in (
             ("prompt", record.prompt_tokens),
             ("completion", record.completion_tokens),
@@ -280,21 +290,21 @@ class ProxyMetrics:
             ("reasoning", record.reasoning_tokens),
         ):
             if count:
-                self.tokens.labels(team, model, kind).inc(count)
+                self._child(self.tokens, team, model, kind).inc(count)
         self._observe_cost(record, team, model)
         if record.duration_ms is not None:
-            self.duration.labels(team, model, endpoint, "true" if record.stream else "false").observe(
+            self._child(self.duration, team, model, endpoint, "true" if record.stream else "false").observe(
                 record.duration_ms / 1000.0
             )
         if record.ttft_ms is not None:
-            self.ttft.labels(team, model).observe(record.ttft_ms / 1000.0)
+            self._child(self.ttft, team, model).observe(record.ttft_ms / 1000.0)
             per_token = time_per_output_token(record)
             if per_token is not None:
-                self.tpot.labels(team, model).observe(per_token)
+                self._child(self.tpot, team, model).observe(per_token)
         if record.server_ttft_ms is not None:
-            self.upstream_ttft.labels(model).observe(record.server_ttft_ms / 1000.0)
+            self._child(self.upstream_ttft, model).observe(record.server_ttft_ms / 1000.0)
         if record.server_processing_ms is not None:
-            self.upstream_processing.labels(model).observe(record.server_processing_ms / 1000.0)
+            self._child(self.upstream_processing, model).observe(record.server_processing_ms / 1000.0)
         if record.overhead_ms is not None:
             self.overhead.observe(record.overhead_ms / 1000.0)
 
@@ -306,10 +316,10 @@ class ProxyMetrics:
             return
         if cost is None:
             if record.prompt_tokens or record.completion_tokens or record.total_tokens:
-                self.unpriced.labels(model).inc()
+                self._child(self.unpriced, model).inc()
             return
         if cost > 0:  # type: ignore[operator]
-            self.cost.labels(team, model).inc(float(cost))  # type: ignore[arg-type]
+            self._child(self.cost, team, model).inc(float(cost))  # type: ignore[arg-type]
 
 
 def time_per_output_token(record: UsageRecord) -> float | None:
