@@ -23,6 +23,10 @@ EXPECTED_INDEXES = {
     "ix_usage_events_key_fingerprint_started_at": ["key_fingerprint", "started_at"],
     "ix_usage_events_requested_model_started_at": ["requested_model", "started_at"],
 }
+EXPECTED_ROLLUP_INDEXES = {
+    "ix_usage_hourly_team_hour": ["team", "hour"],
+    "ix_usage_hourly_key_fingerprint_hour": ["key_fingerprint", "hour"],
+}
 
 
 def _schema(connection: Connection) -> dict[str, Any]:
@@ -33,7 +37,12 @@ def _schema(connection: Connection) -> dict[str, Any]:
         if "usage_events" in tables
         else {}
     )
-    return {"tables": tables, "indexes": indexes}
+    rollup_indexes = (
+        {ix["name"]: ix["column_names"] for ix in inspector.get_indexes("usage_hourly")}
+        if "usage_hourly" in tables
+        else {}
+    )
+    return {"tables": tables, "indexes": indexes, "rollup_indexes": rollup_indexes}
 
 
 def _diff_against_models(connection: Connection) -> list[Any]:
@@ -54,7 +63,7 @@ async def _inspect(url: str, fn: Any) -> Any:
 
 def test_migrations_are_found_in_the_repository() -> None:
     assert migrate.migrations_dir() == Path(__file__).resolve().parent.parent / "migrations"
-    assert migrate.head() == "0001"
+    assert migrate.head() == "0002"
 
 
 async def test_upgrade_to_head_then_downgrade_to_base(db_url: str) -> None:
@@ -63,8 +72,9 @@ async def test_upgrade_to_head_then_downgrade_to_base(db_url: str) -> None:
     await migrate.upgrade(db_url)
     assert await migrate.current(db_url) == migrate.head()
     schema = await _inspect(db_url, _schema)
-    assert schema["tables"] == {"usage_events", migrate.VERSION_TABLE}
+    assert schema["tables"] == {"usage_events", "usage_hourly", migrate.VERSION_TABLE}
     assert schema["indexes"] == EXPECTED_INDEXES
+    assert schema["rollup_indexes"] == EXPECTED_ROLLUP_INDEXES
     assert await _inspect(db_url, _diff_against_models) == []
 
     await migrate.upgrade(db_url)  # already at head: a no-op, not an error
@@ -87,7 +97,7 @@ def test_alembic_command_api_without_a_connection_builds_its_own_engine(db_sqlit
 
 async def test_current_after_cli_style_upgrade(db_sqlite_url: str) -> None:
     await migrate.upgrade(db_sqlite_url)
-    assert await migrate.current(db_sqlite_url) == "0001"
+    assert await migrate.current(db_sqlite_url) == migrate.head()
 
 
 def test_offline_mode_emits_postgresql_ddl() -> None:

@@ -1,4 +1,5 @@
-"""The database schema: one ``usage_events`` row per :class:`~meter.records.UsageRecord`.
+"""The database schema: one ``usage_events`` row per :class:`~meter.records.UsageRecord`, and the
+``usage_hourly`` rollup that reports read instead of the raw rows.
 
 Invariants:
 
@@ -14,6 +15,14 @@ Rule 5: the schema is portable: no native enums (outcome and usage_source are te
         value needs no migration), JSONB only as a PostgreSQL variant of portable JSON, and
         :class:`~meter.db.types.UtcDateTime` for timestamps.
 
+Rule 6: ``usage_hourly`` has one row per (UTC hour, team, key, requested model, endpoint) with the
+        sums :mod:`meter.db.rollups` maintains. Its key columns are NOT NULL so that the primary key
+        merges rows (SQL unique constraints treat NULLs as distinct): a NULL key fingerprint or
+        requested model is stored as ``''`` with a bit set in ``null_dims`` (1: key, 2: model), so
+        a real empty model name stays distinct from "none". Each token sum has a companion
+        ``<name>_records`` count of the records that reported it: a sum over records that reported
+        nothing is "not reported", never 0.
+
 This module describes the schema; migrations/versions/ creates it. A test checks they agree.
 """
 
@@ -24,7 +33,19 @@ from dataclasses import fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Double, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Double,
+    Index,
+    Integer,
+    MetaData,
+    SmallInteger,
+    String,
+    Table,
+    Text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -91,24 +112,62 @@ class UsageEvent(Base):
     )
 
 
+class UsageHourly(Base):
+    """Hourly sums of ``usage_events`` (Rule 6), maintained in the transaction that inserts the rows."""
+
+    __tablename__ = "usage_hourly"
+
+    hour: Mapped[datetime] = mapped_column(UtcDateTime(), primary_key=True)  # start of the UTC hour
+    team: Mapped[str] = mapped_column(Text, primary_key=True)
+    key_fingerprint: Mapped[str] = mapped_column(Text, primary_key=True)  # '' if none (null_dims & 1)
+    requested_model: Mapped[str] = mapped_column(Text, primary_key=True)  # '' if none (null_dims & 2)
+    endpoint: Mapped[str] = mapped_column(Text, primary_key=True)
+    null_dims: Mapped[int] = mapped_column(SmallInteger, primary_key=True)
+    key_suffix: Mapped[str | None] = mapped_column(Text)  # the greatest seen, as reports show it
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    errors: Mapped[int] = mapped_column(BigInteger, nullable=False)  # outcome != 'ok'
+    records_missing_usage: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    prompt_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    prompt_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    completion_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    completion_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cached_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reasoning_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    total_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
+
+    # The primary key leads with hour (time ranges); budgets and team reports narrow by these.
+    __table_args__ = (
+        Index("ix_usage_hourly_team_hour", "team", "hour"),
+        Index("ix_usage_hourly_key_fingerprint_hour", "key_fingerprint", "hour"),
+    )
+
+
 usage_events: Table = Base.metadata.tables[UsageEvent.__tablename__]
+usage_hourly: Table = Base.metadata.tables[UsageHourly.__tablename__]
 RECORD_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(UsageRecord))
 
 
 def record_to_row(record: UsageRecord) -> dict[str, Any]:
     """The column values for ``record`` (Rule 1), made storable on every backend (Rule 4)."""
-    row = {name: getattr(record, name) for name in RECORD_FIELDS}
+    return make_storable({name: getattr(record, name) for name in RECORD_FIELDS})
+
+
+def make_storable(row: dict[str, Any]) -> dict[str, Any]:
+    """Rule 4, in place on a mapping of every record field (a record's, or a decoded journal
+    payload's); returns ``row``. meter.payload.storable_payload does the same for JSON."""
     for name, value in row.items():
         if isinstance(value, str) and "\x00" in value:
             row[name] = value.replace("\x00", "\ufffd")
     # StrEnum values are str already; store the plain value so no driver sees an enum type.
-    row["outcome"] = str(record.outcome.value if isinstance(record.outcome, Outcome) else record.outcome)
-    row["usage_source"] = str(
-        record.usage_source.value if isinstance(record.usage_source, UsageSource) else record.usage_source
-    )
+    for name in ("outcome", "usage_source"):
+        value = row[name]
+        row[name] = str(value.value if isinstance(value, Outcome | UsageSource) else value)
     row["upstream_metrics"] = {
         str(k): (v if not isinstance(v, float) or math.isfinite(v) else None)
-        for k, v in (record.upstream_metrics or {}).items()
+        for k, v in (row["upstream_metrics"] or {}).items()
     }
     return row
 
