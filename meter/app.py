@@ -7,8 +7,9 @@
 * every other HTTP request goes straight to :class:`~meter.proxy.Proxy` (the hot path skips litestar's
   routing and middleware stack).
 
-Start-up (lifespan): migrate SQLite, open the database engine, start the batch writer, open the
-upstream pool. Shutdown: close the upstream pool, then flush the writer (the ASGI server has already
+Start-up (lifespan): migrate SQLite, open the database engine, claim a journal directory and start the
+pipeline (journal → database), open the upstream pool. Shutdown: close the upstream pool, then drain the
+pipeline as far as the grace period allows; the rest stays journaled (the ASGI server has already
 let in-flight requests finish within the grace period).
 """
 
@@ -25,20 +26,21 @@ from litestar import Litestar
 from litestar.exceptions import HTTPException
 from litestar.openapi import OpenAPIConfig
 from litestar.openapi.plugins import SwaggerRenderPlugin
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import __version__
 from meter.admin import admin_router, http_error_handler, meter_error_handler
 from meter.db.engine import create_engine, ping
 from meter.db.migrate import upgrade
-from meter.db.writer import BatchWriter
 from meter.errors import MeterError
 from meter.forward import Upstream, create_upstream
 from meter.health import ROUTES as HEALTH_ROUTES
 from meter.health import ReadinessProbe
 from meter.identity import KeyFingerprinter, load_key_secret
+from meter.journal import Journal, default_journal_root, parse_fsync_policy
 from meter.metrics import ProxyMetrics, exposition_registry
+from meter.pipeline import Pipeline
 from meter.proxy import Proxy
 from meter.records import UsageRecord
 from meter.requestlog import RequestLog, resolve_format
@@ -68,7 +70,7 @@ class Runtime:
     upstream: Upstream
     fingerprinter: KeyFingerprinter
     engine: AsyncEngine | None = None
-    writer: BatchWriter | None = None
+    pipeline: Pipeline | None = None
     tracer: GenAITracer | None = None
     meter_provider: MeterProvider | None = None
     request_log: RequestLog | None = None
@@ -77,8 +79,8 @@ class Runtime:
 
     def emit(self, record: UsageRecord) -> None:
         # Billing data first: a failing telemetry sink must never cost a record.
-        if self.writer is not None:
-            self.writer.submit(record)
+        if self.pipeline is not None:
+            self.pipeline.submit(record)
         for sink in (self.metrics.observe, *self.sinks, *self.extra_sinks):
             try:
                 sink(record)
@@ -154,26 +156,36 @@ def create_app(
                 team_label=metrics.team_label,
             )
         )
-    pending = Gauge(
-        "meter_writer_pending_events", "Usage records waiting for the database writer.", registry=registry
-    )
-    pending.set_function(lambda: float(runtime.writer.pending) if runtime.writer else 0.0)
-
     async def readiness_check() -> dict[str, Any]:
-        reason = await ping(runtime.engine, timeout=2.0) if runtime.engine is not None else "not started"
-        pending_events = runtime.writer.pending if runtime.writer is not None else 0
-        return {
-            "ready": reason is None,
-            "database": "ok" if reason is None else reason,
-            "pending_events": pending_events,
-        }
+        if runtime.engine is None or runtime.pipeline is None:
+            return {"ready": False, "reason": "starting"}
+        database = await ping(runtime.engine, timeout=2.0)
+        # Ready while the journal can absorb a database outage; the pipeline's readiness says so.
+        result = runtime.pipeline.readiness(min_free_bytes=settings.journal_min_free_bytes)
+        result["database"] = "ok" if database is None else database
+        return result
 
     async def on_startup(app: Litestar) -> None:
         if settings.is_sqlite and settings.auto_migrate:
             await upgrade(settings.database_url)
         runtime.engine = create_engine(settings.database_url)
-        runtime.writer = BatchWriter(runtime.engine, on_error=_log_write_error)
-        await runtime.writer.start()
+        root = settings.journal_dir or str(default_journal_root(settings.sqlite_path))
+        journal = await asyncio.to_thread(
+            Journal.open_any,
+            root,
+            fsync=parse_fsync_policy(settings.journal_fsync),
+            segment_bytes=settings.journal_segment_bytes,
+        )
+        runtime.pipeline = Pipeline(
+            journal,
+            runtime.engine,
+            registry=registry,
+            batch_size=settings.writer_batch_size,
+            flush_interval=settings.writer_flush_interval,
+            retention_days=settings.retention_days,
+            concurrency=settings.writer_concurrency,
+        )
+        await runtime.pipeline.start()
         await upstream.start()
         app.state.engine = runtime.engine
         # Everything alive now (modules, the app) lives until exit: freeze it out of the collector's
@@ -184,8 +196,8 @@ def create_app(
 
     async def on_shutdown(app: Litestar) -> None:
         await upstream.aclose()
-        if runtime.writer is not None:
-            await runtime.writer.stop(timeout=settings.shutdown_grace)
+        if runtime.pipeline is not None:
+            await runtime.pipeline.stop(timeout=settings.shutdown_grace)
         if runtime.engine is not None:
             await runtime.engine.dispose()
         # Telemetry last, so it still sees the requests that finished during the grace period.
@@ -218,7 +230,3 @@ def create_app(
         tracer=tracer,
     )
     return MeterApp(runtime, litestar, proxy)
-
-
-def _log_write_error(exc: Exception) -> None:
-    log.warning("usage write failed, will retry: %s", exc)

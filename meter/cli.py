@@ -287,3 +287,83 @@ def usage(
             await engine.dispose()
 
     click.echo(render(asyncio.run(run()), fmt), nl=False)
+
+
+@main.group()
+def journal() -> None:
+    """The local usage journal (records on their way to the database)."""
+
+
+def _journal_root(directory: str | None, settings: Settings) -> str:
+    from meter.journal import default_journal_root
+
+    return directory or settings.journal_dir or str(default_journal_root(settings.sqlite_path))
+
+
+@journal.command("status")
+@click.argument("directory", required=False)
+@click.option("--database", "database_url", default=None, help="Database URL (locates the default journal).")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def journal_status_command(directory: str | None, database_url: str | None, fmt: str) -> None:
+    """Backlog of each journal under DIRECTORY (default: METER_JOURNAL_DIR or beside the database)."""
+    from meter.db.report import render
+    from meter.journal import journal_status
+
+    root = _journal_root(directory, _settings(database_url=database_url))
+    rows = [
+        {
+            "directory": str(status.directory),
+            "owner": status.holder if status.locked else "(none: replayable)",
+            "pending_events": status.pending_events,
+            "pending_bytes": status.pending_bytes,
+            "oldest_pending_at": status.oldest_pending_at.isoformat() if status.oldest_pending_at else None,
+            "segments": status.segments,
+            "corrupt_frames": status.corrupt_frames,
+            "dead_lettered": status.dead_lettered,
+        }
+        for status in journal_status(root)
+    ]
+    if not rows:
+        raise click.ClickException(f"no journal under {root}")
+    click.echo(render(rows, fmt), nl=False)
+
+
+@journal.command("replay")
+@click.argument("directory")
+@click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
+@click.option(
+    "--timeout", type=float, default=300.0, show_default=True, help="Give up after this many seconds."
+)
+def journal_replay_command(directory: str, database_url: str | None, timeout: float) -> None:
+    """Drain a journal left behind (e.g. by a dead pod) into the database. Idempotent: records already
+    stored are not stored twice."""
+    from meter.db.engine import create_engine
+    from meter.journal import JournalLocked
+    from meter.pipeline import replay
+
+    settings = _settings(database_url=database_url)
+
+    async def run() -> Any:
+        if settings.is_sqlite:
+            from meter.db.migrate import upgrade
+
+            await upgrade(settings.database_url)
+        engine = create_engine(settings.database_url)
+        try:
+            return await replay(directory, engine, timeout=timeout, retention_days=settings.retention_days)
+        finally:
+            await engine.dispose()
+
+    try:
+        result = asyncio.run(run())
+    except JournalLocked as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(
+        f"replayed {result.read} records from {len(result.directories)} journal(s): "
+        f"{result.inserted} inserted, {result.written - result.inserted} already stored, "
+        f"{result.dead_lettered} dead-lettered, {result.remaining} remaining"
+    )
+    for skipped in result.skipped_locked:
+        click.echo(f"skipped {skipped}: owned by a running meter", err=True)
+    if result.remaining:
+        raise SystemExit(1)

@@ -49,6 +49,14 @@ class Settings:
     # points it at a fresh directory when unset).
     metrics_multiprocess_dir: str | None = None
     auto_migrate: bool = True  # run migrations at start (SQLite: always sensible; PostgreSQL: see README)
+    journal_dir: str | None = None  # None: "meter-journal" beside the SQLite file, else ./meter-journal
+    journal_fsync: str = "100"  # milliseconds between group fsyncs, or "always"
+    journal_segment_bytes: int = 64 * 1024 * 1024
+    journal_min_free_bytes: int = 64 * 1024 * 1024  # /readyz fails below this much free disk
+    writer_batch_size: int = 1000
+    writer_flush_interval: float = 0.05
+    writer_concurrency: int | None = None  # batches in flight; None: 2 on PostgreSQL, 1 on SQLite
+    retention_days: float | None = None  # delete raw usage events older than this (rollups are kept)
 
     @property
     def is_sqlite(self) -> bool:
@@ -115,6 +123,12 @@ def _choice(*options: str) -> Callable[[str], str]:
     return parse
 
 
+def _fsync_policy(value: str) -> str:
+    if value != "always":
+        _positive_float(value)
+    return value
+
+
 def _text(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
@@ -141,6 +155,14 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "METER_LOG_FORMAT": ("log_format", _choice("auto", "json", "text")),
     "METER_AUTO_MIGRATE": ("auto_migrate", _parse_bool),
+    "METER_JOURNAL_DIR": ("journal_dir", _text),
+    "METER_JOURNAL_FSYNC": ("journal_fsync", _fsync_policy),
+    "METER_JOURNAL_SEGMENT_BYTES": ("journal_segment_bytes", _positive_int),
+    "METER_JOURNAL_MIN_FREE_BYTES": ("journal_min_free_bytes", _positive_int),
+    "METER_WRITER_BATCH_SIZE": ("writer_batch_size", _positive_int),
+    "METER_WRITER_FLUSH_INTERVAL": ("writer_flush_interval", _positive_float),
+    "METER_WRITER_CONCURRENCY": ("writer_concurrency", _positive_int),
+    "METER_RETENTION_DAYS": ("retention_days", _positive_float),
 }
 
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
