@@ -41,7 +41,10 @@ class Process:
 
     def start(self, timeout: float = 20.0) -> Process:
         handle = self.log.open("ab")
-        self.proc = subprocess.Popen(self.args, env=self.env, stdout=handle, stderr=subprocess.STDOUT)
+        # Own process group: kill() then takes uvicorn's worker processes down too, never orphaning them.
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -57,15 +60,20 @@ class Process:
 
     def signal(self, sig: signal.Signals) -> None:
         assert self.proc is not None
-        self.proc.send_signal(sig)
+        self.proc.send_signal(sig)  # the server only: it stops its workers itself
 
     def wait(self, timeout: float = 30.0) -> int:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the server and any workers it spawned
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
             self.proc.wait(10)
 
     def __enter__(self) -> Process:
