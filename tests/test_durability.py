@@ -255,5 +255,7 @@ def test_database_outage_keeps_serving_then_catches_up(tmp_path: Path, pg_url: s
     before = [s for t, s in load.latencies if t < outage_start]
     during = [s for t, s in load.latencies if outage_start + 1 < t < outage_end]
     # "unchanged latency": the request path never waits on the database
+    print(f"median latency: database up {statistics.median(before) * 1000:.2f} ms, "
+          f"down {statistics.median(during) * 1000:.2f} ms ({len(before)} / {len(during)} requests)")
     assert statistics.median(during) < statistics.median(before) * 3 + 0.005
     assert_parity(pg_url, load.completed)
