@@ -73,6 +73,7 @@ class _Exchange:
     __slots__ = (
         "client_gone",
         "completed",
+        "emitted",
         "endpoint",
         "error",
         "info",
@@ -83,15 +84,22 @@ class _Exchange:
         "request_bytes",
         "request_id",
         "response_bytes",
+        "scope",
         "span",
+        "start_ns",
         "status",
+        "t0",
         "t_client_headers",
         "t_forward",
         "t_upstream_headers",
     )
 
-    def __init__(self, endpoint: str) -> None:
-        self.endpoint = endpoint
+    def __init__(self, scope: Scope, t0: float, start_ns: int) -> None:
+        self.scope = scope
+        self.t0 = t0
+        self.start_ns = start_ns
+        self.emitted = False
+        self.endpoint: str = scope["path"]
         self.request_id: str | None = None
         self.client_gone = False
         self.relaying = True  # False once the response is complete: a disconnect then is no abort
@@ -133,16 +141,28 @@ class Proxy:
         self._clock = clock
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        t0 = self._clock()
-        start_ns = time.time_ns()
-        x = _Exchange(scope["path"])
+        x = _Exchange(scope, self._clock(), time.time_ns())
         try:
-            await self._handle(scope, receive, send, x, t0, start_ns)
+            await self._handle(scope, receive, send, x, x.t0, x.start_ns)
         finally:
-            record = self._record(scope, x, t0, datetime.fromtimestamp(start_ns / 1e9, UTC))
-            self._emit(record)
-            if x.span is not None and self._tracer is not None:
-                self._tracer.finish(x.span, record)
+            self._finalize(x)
+
+    def _finalize(self, x: _Exchange) -> None:
+        """Emit the request's one record (Rule 2): the first call wins, later calls do nothing."""
+        if x.emitted:
+            return
+        x.emitted = True
+        record = self._record(x.scope, x, x.t0, datetime.fromtimestamp(x.start_ns / 1e9, UTC))
+        self._emit(record)
+        if x.span is not None and self._tracer is not None:
+            self._tracer.finish(x.span, record)
+
+    def _complete(self, x: _Exchange, observer: ResponseObserver) -> None:
+        """The response is complete: record it BEFORE the client can see the last byte, so a crash
+        between the client's completion and the journal append cannot lose a completed request."""
+        x.completed = True
+        x.observation = observer.finish(aborted=False)
+        self._finalize(x)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float, start_ns: int
@@ -210,6 +230,8 @@ class Proxy:
         )
         x.status = response.status
         x.request_id = lowered.get("x-request-id")
+        declared = lowered.get("content-length")
+        expected = int(declared) if declared is not None and declared.isdigit() else None
         try:
             await send(
                 {
@@ -222,14 +244,22 @@ class Proxy:
             clock = self._clock
             async for chunk in response.chunks():
                 now = clock()
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 x.response_bytes += len(chunk)
+                if expected is not None and x.response_bytes >= expected and not x.emitted:
+                    # This chunk completes a Content-Length body in the client's eyes: record first.
+                    observer.feed(chunk, now)
+                    self._complete(x, observer)
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    continue
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 observer.feed(chunk, now)
             x.relaying = False
+            if not x.emitted:
+                self._complete(x, observer)  # a chunked body ends with the terminator sent next
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-            x.completed = True
         finally:
-            x.observation = observer.finish(aborted=not x.completed)
+            if x.observation is None:
+                x.observation = observer.finish(aborted=True)
 
     async def _read_body(
         self, headers: list[tuple[bytes, bytes]], receive: Receive, x: _Exchange

@@ -195,3 +195,23 @@ def test_client_disconnect_while_waiting_for_first_byte(scripted, start_meter):
     assert row["outcome"] == "aborted"
     assert row["usage_source"] == "missing"
     assert row["prompt_tokens"] is None and row["completion_tokens"] is None
+
+
+def test_record_is_emitted_before_the_client_can_see_its_response_complete(scripted, start_meter):
+    """A crash right after the client got its last byte must not lose the record: meter appends it to
+    the journal before it sends the byte that completes the response (no waiting needed below)."""
+    upstream, server = scripted
+    body = b'{"id":"x","model":"m","usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}'
+    upstream.script = Script(
+        headers=[(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        chunks=[body[:20], body[20:]],
+    )
+    meter = start_meter(server.url)
+    assert httpx.post(f"{meter.url}/v1/chat/completions", json={"model": "m"}).content == body
+    assert len(meter.emitted) == 1 and meter.emitted[0].completion_tokens == 2
+    assert meter.emitted[0].outcome == "ok"
+
+    upstream.script = Script(headers=[(b"content-type", b"text/event-stream")], chunks=SSE_CHUNKS)
+    with httpx.Client() as client, client.stream("POST", f"{meter.url}/v1/chat/completions", json={}) as r:
+        assert b"".join(r.iter_raw()) == b"".join(SSE_CHUNKS)
+    assert len(meter.emitted) == 2 and meter.emitted[1].completion_tokens == 1
