@@ -5,6 +5,7 @@ exactly once (matched by the upstream's response id)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import socket
 import statistics
@@ -196,18 +197,14 @@ class TcpGate:
     def close(self) -> None:
         if self._listener is not None:
             # shutdown() wakes the thread blocked in accept(); close() alone would leave it accepting
-            try:
+            with contextlib.suppress(OSError):
                 self._listener.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             self._listener.close()
             self._listener = None
         with self._lock:
             for conn in self._conns:
-                try:
+                with contextlib.suppress(OSError):
                     conn.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
                 conn.close()
             self._conns.clear()
 
@@ -236,10 +233,8 @@ class TcpGate:
             pass
         finally:
             for s in (src, dst):
-                try:
+                with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 def test_database_outage_keeps_serving_then_catches_up(tmp_path: Path, pg_url: str) -> None:
