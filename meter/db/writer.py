@@ -78,7 +78,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cache
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import TextClause, bindparam, text
 from sqlalchemy import exc as sa_exc
@@ -97,7 +97,7 @@ logger = logging.getLogger(__name__)
 # SQLSTATE classes that blame the row, not the database: 22 data exception, 23 integrity violation.
 _RECORD_SQLSTATE_CLASSES = frozenset({"22", "23"})
 _SET_UTC = text("SET LOCAL TimeZone = 'UTC'")
-_IDS_PER_STATEMENT = 5_000  # well under SQLite's bound-parameter limit
+T = TypeVar("T")
 
 
 class PendingOverflowError(Exception):
@@ -152,13 +152,32 @@ def _rollup_by_ids(dialect_name: str) -> TextClause:
     return text(sql).bindparams(bindparam("ids", expanding=True))
 
 
+# Statement sizes the SQLite path uses. Every distinct row (or id) count is a distinct SQL text, and
+# sqlite3 keeps up to 128 prepared statements per connection: batches of arbitrary sizes filled that
+# cache with huge statements (~120 MB of RSS under load). Decomposing a batch into these sizes bounds
+# the distinct statements to len(_CHUNK_SIZES) per shape.
+_CHUNK_SIZES = (512, 64, 8, 1)
+
+
+def _fixed_chunks(items: list[T], sizes: tuple[int, ...] = _CHUNK_SIZES) -> list[list[T]]:
+    chunks: list[list[T]] = []
+    start = 0
+    for size in sizes:
+        while len(items) - start >= size:
+            chunks.append(items[start : start + size])
+            start += size
+    return chunks
+
+
 async def _write_rows(engine: AsyncEngine, rows: list[dict[str, Any]]) -> int:
     async with engine.begin() as conn:
-        result = await conn.execute(_insert_for(engine.dialect.name), rows)
-        inserted = list(dict.fromkeys(result.scalars()))
-        for start in range(0, len(inserted), _IDS_PER_STATEMENT):
-            chunk = inserted[start : start + _IDS_PER_STATEMENT]
-            await conn.execute(_rollup_by_ids(engine.dialect.name), {"ids": chunk})
+        inserted: list[Any] = []
+        for chunk in _fixed_chunks(rows):
+            result = await conn.execute(_insert_for(engine.dialect.name), chunk)
+            inserted.extend(result.scalars())
+        inserted = list(dict.fromkeys(inserted))
+        for ids in _fixed_chunks(inserted):
+            await conn.execute(_rollup_by_ids(engine.dialect.name), {"ids": ids})
         return len(inserted)
 
 
