@@ -78,10 +78,13 @@ def serve(**flags: Any) -> None:
     settings = _settings(**flags)
     _configure_logging(settings)
     if settings.is_sqlite and settings.auto_migrate:
-        # Migrate once here rather than racing in every worker's start-up.
-        from meter.db.migrate import upgrade
+        # Migrate once here rather than racing in every worker's start-up, and in a child process so
+        # alembic (~9 MB) never stays in the serving process's memory.
+        import subprocess
 
-        asyncio.run(upgrade(settings.database_url))
+        migrate = [sys.executable, "-m", "meter", "db", "upgrade", "--database", settings.database_url]
+        if subprocess.run(migrate, check=False).returncode != 0:
+            raise click.ClickException(f"migrating {settings.database_url} failed (see above)")
         settings = dataclasses.replace(settings, auto_migrate=False)
     created_metrics_dir = None
     if settings.workers > 1 or settings.metrics_multiprocess_dir:

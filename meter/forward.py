@@ -18,13 +18,15 @@ Rule 3: third-party exceptions are mapped here to :mod:`meter.errors`; nothing a
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import aiohttp
-import httpx
 import yarl
 
 from meter.errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout, UpstreamUnreachable
+
+if TYPE_CHECKING:
+    import httpx  # imported when an httpx client is configured: ~7 MB the default path does not need
 
 
 class UpstreamResponse(Protocol):
@@ -138,6 +140,8 @@ class _HttpxResponse:
         self.headers = response.headers.raw
 
     async def chunks(self) -> AsyncIterator[bytes]:
+        import httpx
+
         try:
             async for chunk in self._response.aiter_raw():
                 yield chunk
@@ -155,6 +159,8 @@ class HttpxUpstream:
     def __init__(
         self, *, connect_timeout: float, read_timeout: float, max_connections: int, aiohttp_transport: bool
     ) -> None:
+        import httpx
+
         self._timeout = httpx.Timeout(
             connect=connect_timeout, read=read_timeout, write=read_timeout, pool=None
         )
@@ -165,6 +171,8 @@ class HttpxUpstream:
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
+        import httpx
+
         transport: httpx.AsyncBaseTransport
         if self._aiohttp_transport:
             from httpx_aiohttp import AiohttpTransport
@@ -177,6 +185,8 @@ class HttpxUpstream:
     async def send(
         self, method: str, url: str, headers: list[tuple[str, str]], body: bytes
     ) -> UpstreamResponse:
+        import httpx
+
         assert self._client is not None, "HttpxUpstream.start() was not awaited"
         # httpx.Request directly, not client.build_request(): the client's default headers would be added.
         request = httpx.Request(method, url, headers=headers, content=body)

@@ -19,14 +19,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
 from meter.db.engine import create_engine, normalize_url
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+# alembic is imported inside the functions: it costs ~9 MB of memory, and a serving process that
+# does not migrate (PostgreSQL, or SQLite migrated by `meter serve` before it starts) never needs it.
 
 VERSION_TABLE = "meter_alembic_version"  # keep in step with migrations/env.py
 
@@ -45,6 +48,8 @@ def migrations_dir() -> Path:
 def alembic_config(url: str | None = None) -> Config:
     """An Alembic :class:`Config` built in code. ``url`` goes in ``attributes``, not the ini options,
     because ConfigParser would treat a ``%`` in a password as interpolation."""
+    from alembic.config import Config
+
     config = Config()
     config.set_main_option("script_location", str(migrations_dir()))
     if url is not None:
@@ -54,6 +59,8 @@ def alembic_config(url: str | None = None) -> Config:
 
 def head() -> str:
     """The newest revision the shipped migrations define."""
+    from alembic.script import ScriptDirectory
+
     revision = ScriptDirectory.from_config(alembic_config()).get_current_head()
     if revision is None:  # pragma: no cover - only if versions/ were empty
         raise RuntimeError("the migration scripts define no revision")
@@ -62,11 +69,15 @@ def head() -> str:
 
 async def upgrade(url: str, revision: str = "head") -> None:
     """Upgrade the database at ``url`` to ``revision``."""
+    from alembic import command
+
     await _run(url, lambda config: command.upgrade(config, revision))
 
 
 async def downgrade(url: str, revision: str) -> None:
     """Downgrade the database at ``url`` to ``revision`` (``"base"`` removes every table)."""
+    from alembic import command
+
     await _run(url, lambda config: command.downgrade(config, revision))
 
 
@@ -81,6 +92,8 @@ async def current(url: str) -> str | None:
 
 
 def _current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     context = MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
     return context.get_current_revision()
 
