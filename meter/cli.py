@@ -83,8 +83,9 @@ def serve(**flags: Any) -> None:
         import subprocess
 
         migrate = [sys.executable, "-m", "meter", "db", "upgrade", "--database", settings.database_url]
-        if subprocess.run(migrate, check=False).returncode != 0:
-            raise click.ClickException(f"migrating {settings.database_url} failed (see above)")
+        done = subprocess.run(migrate, check=False, capture_output=True, text=True)
+        if done.returncode != 0:  # quiet on success: serve's output stays pure log lines (JSON or text)
+            raise click.ClickException(f"migrating {settings.database_url} failed:\n{done.stderr}")
         settings = dataclasses.replace(settings, auto_migrate=False)
     created_metrics_dir = None
     if settings.workers > 1 or settings.metrics_multiprocess_dir:
