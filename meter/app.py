@@ -31,6 +31,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import __version__
 from meter.admin import admin_router, http_error_handler, meter_error_handler
+from meter.admin_manage import manage_router
 from meter.db.engine import create_engine, ping
 from meter.db.migrate import upgrade
 from meter.errors import MeterError
@@ -45,6 +46,7 @@ from meter.proxy import Proxy
 from meter.records import UsageRecord
 from meter.requestlog import RequestLog, resolve_format
 from meter.settings import Settings
+from meter.tenancy.runtime import Tenancy, config_from_settings
 from meter.tracing import GenAIMetrics, GenAITracer, configure_from_environment, shutdown_telemetry
 
 if TYPE_CHECKING:
@@ -74,6 +76,7 @@ class Runtime:
     tracer: GenAITracer | None = None
     meter_provider: MeterProvider | None = None
     request_log: RequestLog | None = None
+    tenancy: Tenancy | None = None
     sinks: list[Callable[[UsageRecord], None]] = field(default_factory=list)  # telemetry, after metrics
     extra_sinks: list[Any] = field(default_factory=list)
 
@@ -146,6 +149,9 @@ def create_app(
         meter_provider=meter_provider,
         request_log=request_log,
     )
+    # Reads the credentials and price files now: a bad one stops start-up with a message naming it.
+    tenancy = Tenancy(runtime.fingerprinter, config_from_settings(settings), registry=registry)
+    runtime.tenancy = tenancy
     runtime.sinks.append(request_log)
     if meter_provider is not None:
         runtime.sinks.append(
@@ -163,6 +169,9 @@ def create_app(
         # Ready while the journal can absorb a database outage; the pipeline's readiness says so.
         result = runtime.pipeline.readiness(min_free_bytes=settings.journal_min_free_bytes)
         result["database"] = "ok" if database is None else database
+        # Not ready before the key directory first loaded: every key would be refused with 503.
+        result["key_directory"] = "loaded" if tenancy.loaded else "not loaded"
+        result["ready"] = bool(result.get("ready")) and tenancy.loaded
         return result
 
     async def on_startup(app: Litestar) -> None:
@@ -186,8 +195,10 @@ def create_app(
             concurrency=settings.writer_concurrency,
         )
         await runtime.pipeline.start()
+        await tenancy.start(runtime.engine)
         await upstream.start()
         app.state.engine = runtime.engine
+        app.state.tenancy = tenancy
         # Everything alive now (modules, the app) lives until exit: freeze it out of the collector's
         # scans and collect less often. Unfrozen, full collections paused the loop ~70 ms under load.
         gc.collect()
@@ -198,6 +209,7 @@ def create_app(
         await upstream.aclose()
         if runtime.pipeline is not None:
             await runtime.pipeline.stop(timeout=settings.shutdown_grace)
+        await tenancy.stop()
         if runtime.engine is not None:
             await runtime.engine.dispose()
         # Telemetry last, so it still sees the requests that finished during the grace period.
@@ -205,7 +217,7 @@ def create_app(
         await asyncio.to_thread(shutdown_telemetry, runtime.tracer, runtime.meter_provider)
 
     litestar = Litestar(
-        route_handlers=[*HEALTH_ROUTES, admin_router()],
+        route_handlers=[*HEALTH_ROUTES, admin_router(), manage_router()],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
@@ -228,5 +240,6 @@ def create_app(
         max_request_bytes=settings.max_request_bytes,
         on_observe_error=metrics.observe_error,
         tracer=tracer,
+        tenancy=tenancy,
     )
     return MeterApp(runtime, litestar, proxy)

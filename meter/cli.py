@@ -371,3 +371,13 @@ def journal_replay_command(directory: str, database_url: str | None, timeout: fl
         click.echo(f"skipped {skipped}: owned by a running meter", err=True)
     if result.remaining:
         raise SystemExit(1)
+
+
+def _add_management_commands() -> None:
+    from meter.cli_manage import COMMANDS  # imported here: meter.cli_manage reads settings via meter.cli
+
+    for command in COMMANDS:
+        main.add_command(command)
+
+
+_add_management_commands()

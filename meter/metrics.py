@@ -149,7 +149,7 @@ class ProxyMetrics:
         self.unpriced = Counter(
             "meter_unpriced_requests",
             "Requests with token usage but no price (the model is missing from the price table).",
-            ["model"],
+            ["team", "model"],
             registry=registry,
         )
         self.duration = Histogram(
@@ -316,7 +316,7 @@ class ProxyMetrics:
             return
         if cost is None:
             if record.prompt_tokens or record.completion_tokens or record.total_tokens:
-                self._child(self.unpriced, model).inc()
+                self._child(self.unpriced, team, model).inc()
             return
         if cost > 0:  # type: ignore[operator]
             self._child(self.cost, team, model).inc(float(cost))  # type: ignore[arg-type]

@@ -33,14 +33,38 @@ from meter.forward import Upstream, UpstreamResponse
 from meter.headers import client_response_headers, upstream_request_headers
 from meter.identity import KeyFingerprinter, bearer_token
 from meter.observe import Observation, ResponseObserver
-from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
+from meter.records import Outcome, Usage, UsageRecord, UsageSource, new_event_id
 from meter.request_info import EMPTY, RequestInfo, inspect_request
+from meter.tenancy.errors import KeyRefusal
+from meter.tenancy.keys import Resolution
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
 CLIENT_CLOSED_REQUEST = 499  # recorded status when the client left before the upstream answered
+
+
+class TenancyHook(Protocol):
+    """Teams, keys and prices (:class:`meter.tenancy.runtime.Tenancy`). Absent, keys are only
+    fingerprinted, records carry no team and no cost."""
+
+    def resolve(self, key: str | None) -> Resolution:
+        """Synchronous and in memory; raises a MeterError (401/500/503) for a key it refuses."""
+        ...
+
+    def cost(
+        self, started_at: datetime, requested_model: str | None, response_model: str | None, usage: Usage
+    ) -> tuple[int | None, str | None]:
+        """``(cost_nanos, price_ref)``; never raises."""
+        ...
+
+
+def swap_authorization(headers: list[tuple[str, str]], authorization: str) -> list[tuple[str, str]]:
+    """The one deliberate change to a request's headers for virtual keys: every ``Authorization``
+    header (the client's ``mk-`` key) becomes the upstream credential, in place, so the virtual key
+    never leaves meter and header order is kept."""
+    return [("authorization", authorization) if n.lower() == "authorization" else (n, v) for n, v in headers]
 
 
 class TraceHook(Protocol):
@@ -92,6 +116,7 @@ class _Exchange:
         "t_client_headers",
         "t_forward",
         "t_upstream_headers",
+        "team",
     )
 
     def __init__(self, scope: Scope, t0: float, start_ns: int) -> None:
@@ -116,6 +141,7 @@ class _Exchange:
         self.t_forward: float | None = None
         self.t_upstream_headers: float | None = None
         self.t_client_headers: float | None = None
+        self.team = ""
 
 
 class Proxy:
@@ -129,9 +155,11 @@ class Proxy:
         max_request_bytes: int,
         on_observe_error: Callable[[str], None] | None = None,
         tracer: TraceHook | None = None,
+        tenancy: TenancyHook | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._tracer = tracer
+        self._tenancy = tenancy
         self._upstream = upstream
         self._base = upstream_url.rstrip("/")
         self._fingerprinter = fingerprinter
@@ -182,10 +210,23 @@ class Proxy:
         x.info = inspect_request(body)
         authorization = next((v for n, v in headers if n == b"authorization"), None)
         key = bearer_token(authorization.decode("latin-1")) if authorization else None
-        if key is not None:
-            identity = self._fingerprinter.identify(key)
-            x.key_fingerprint, x.key_suffix = identity.fingerprint, identity.suffix
         upstream_headers = upstream_request_headers(headers)
+        if self._tenancy is None:
+            if key is not None:
+                identity = self._fingerprinter.identify(key)
+                x.key_fingerprint, x.key_suffix = identity.fingerprint, identity.suffix
+        else:
+            try:
+                who = self._tenancy.resolve(key)
+            except MeterError as exc:  # refused: 401 (unknown/revoked/expired), 500 or 503
+                if isinstance(exc, KeyRefusal):
+                    x.team, x.key_fingerprint, x.key_suffix = exc.team, exc.fingerprint, exc.suffix
+                x.error = exc
+                await self._send_error(send, exc, x)
+                return
+            x.team, x.key_fingerprint, x.key_suffix = who.team, who.fingerprint, who.suffix
+            if who.upstream_authorization is not None:
+                upstream_headers = swap_authorization(upstream_headers, who.upstream_authorization)
         if self._tracer is not None:
             x.span = self._tracer.start(scope, x.info, start_ns)
             upstream_headers = replace_headers(upstream_headers, self._tracer.propagation_headers(x.span))
@@ -353,6 +394,10 @@ class Proxy:
             generation_start = obs.first_content_at if obs.streamed else x.t_forward
             if usage.completion_tokens and generation_start is not None and t_end > generation_start:
                 tokens_per_second = usage.completion_tokens / (t_end - generation_start)
+            if self._tenancy is not None:
+                usage_kwargs["cost_nanos"], usage_kwargs["price_ref"] = self._tenancy.cost(
+                    started_at, x.info.model, obs.response_model, usage
+                )
         error = x.error.message if x.error is not None else (obs.error_message if obs is not None else None)
         return UsageRecord(
             event_id=new_event_id(),
@@ -365,6 +410,7 @@ class Proxy:
             stream=x.info.stream,
             key_fingerprint=x.key_fingerprint,
             key_suffix=x.key_suffix,
+            team=x.team,
             requested_model=x.info.model,
             request_id=x.request_id,
             duration_ms=(t_end - t0) * 1000.0,

@@ -8,6 +8,8 @@ Rule 2: every record says where its numbers came from (:class:`UsageSource`), so
 Rule 3: the requested model (from the client's body) and the response model (from the upstream's
         answer) are kept apart; they differ whenever the upstream resolves an alias.
 Rule 4: nothing here holds a raw API key, only its HMAC fingerprint and a display suffix.
+Rule 5: money is an integer: ``cost_nanos`` (nano-USD, rounded once by meter.billing); ``cost_usd`` is
+        the same amount as an exact Decimal.
 
 This module is pure: it imports nothing from litestar, httpx, aiohttp or SQLAlchemy.
 """
@@ -18,6 +20,7 @@ import enum
 import os
 from dataclasses import dataclass, field
 from datetime import datetime
+from decimal import Decimal
 
 
 class UsageSource(enum.StrEnum):
@@ -99,6 +102,15 @@ class UsageRecord:
     request_bytes: int = 0
     response_bytes: int = 0
     error: str | None = None  # short reason for proxy errors and upstream error messages
+    # Set by pricing (meter.billing) before the record is journaled: the cost in whole nano-USD, and
+    # the price row used ("db:17", "sheet:2025-08-01:<model>", ...). Both None: unpriced, or no usage.
+    cost_nanos: int | None = None
+    price_ref: str | None = None
+
+    @property
+    def cost_usd(self) -> Decimal | None:
+        """``cost_nanos`` as exact USD (None: not priced). Monitoring reads this; billing sums nanos."""
+        return None if self.cost_nanos is None else Decimal(self.cost_nanos).scaleb(-9)
 
     @property
     def usage(self) -> Usage:

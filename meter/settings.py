@@ -57,6 +57,11 @@ class Settings:
     writer_flush_interval: float = 0.05
     writer_concurrency: int | None = None  # batches in flight; None: 2 on PostgreSQL, 1 on SQLite
     retention_days: float | None = None  # delete raw usage events older than this (rollups are kept)
+    unknown_keys: str = "allow"  # keys nobody registered: "allow" (team "unassigned") or "reject" (401)
+    upstream_api_key: str | None = None  # sent upstream for virtual keys of teams without a credential
+    upstream_credentials_file: str | None = None  # TOML of name = "secret": credentials teams can name
+    price_file: str | None = None  # TOML price sheet overriding the shipped one (validated at start)
+    key_directory_refresh: float = 2.0  # seconds between checks for admin changes made elsewhere
 
     @property
     def is_sqlite(self) -> bool:
@@ -163,6 +168,11 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_WRITER_FLUSH_INTERVAL": ("writer_flush_interval", _positive_float),
     "METER_WRITER_CONCURRENCY": ("writer_concurrency", _positive_int),
     "METER_RETENTION_DAYS": ("retention_days", _positive_float),
+    "METER_UNKNOWN_KEYS": ("unknown_keys", _choice("allow", "reject")),
+    "METER_UPSTREAM_API_KEY": ("upstream_api_key", _text),
+    "METER_UPSTREAM_CREDENTIALS_FILE": ("upstream_credentials_file", _text),
+    "METER_PRICE_FILE": ("price_file", _text),
+    "METER_KEY_DIRECTORY_REFRESH": ("key_directory_refresh", _positive_float),
 }
 
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {

@@ -63,7 +63,7 @@ async def _inspect(url: str, fn: Any) -> Any:
 
 def test_migrations_are_found_in_the_repository() -> None:
     assert migrate.migrations_dir() == Path(__file__).resolve().parent.parent / "migrations"
-    assert migrate.head() == "0002"
+    assert migrate.head() == "0003"
 
 
 async def test_upgrade_to_head_then_downgrade_to_base(db_url: str) -> None:
@@ -72,7 +72,16 @@ async def test_upgrade_to_head_then_downgrade_to_base(db_url: str) -> None:
     await migrate.upgrade(db_url)
     assert await migrate.current(db_url) == migrate.head()
     schema = await _inspect(db_url, _schema)
-    assert schema["tables"] == {"usage_events", "usage_hourly", migrate.VERSION_TABLE}
+    assert schema["tables"] == {
+        "usage_events",
+        "usage_hourly",
+        "teams",
+        "api_keys",
+        "prices",
+        "audit_log",
+        "tenancy_state",
+        migrate.VERSION_TABLE,
+    }
     assert schema["indexes"] == EXPECTED_INDEXES
     assert schema["rollup_indexes"] == EXPECTED_ROLLUP_INDEXES
     assert await _inspect(db_url, _diff_against_models) == []

@@ -10,8 +10,6 @@ import subprocess
 import sys
 import textwrap
 import time
-from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
 
 import aiohttp
@@ -29,7 +27,7 @@ from meter.metrics import (
     error_type,
     exposition_registry,
 )
-from meter.records import Outcome, UsageRecord, UsageSource
+from meter.records import Outcome, UsageSource
 from tests.conftest import wait_for
 from tests.conftest_db import make_record
 from tests.support.processes import meter_process, simulator_process
@@ -197,32 +195,16 @@ def test_ten_thousand_random_model_names_keep_the_series_bounded():
     assert registry.get_sample_value("meter_label_overflow_total", {"label": "model"}) == 9_900
 
 
-def test_cost_is_observed_once_records_carry_it():
-    @dataclass(frozen=True, slots=True)
-    class PricedRecord(UsageRecord):  # the shape UsageRecord takes when prices land
-        cost_usd: Decimal | None = None
-
-    base = {
-        "event_id": "e",
-        "started_at": make_record().started_at,
-        "method": "POST",
-        "endpoint": CHAT,
-        "status_code": 200,
-        "outcome": Outcome.OK,
-        "usage_source": UsageSource.REPORTED,
-        "requested_model": "m",
-        "prompt_tokens": 10,
-        "completion_tokens": 2,
-    }
+def test_cost_is_observed_from_the_records_cost():
+    base = {"requested_model": "m", "prompt_tokens": 10, "completion_tokens": 2}
     metrics, registry = _metrics()
-    metrics.observe(PricedRecord(**base, cost_usd=Decimal("0.000125")))
-    metrics.observe(PricedRecord(**base, cost_usd=Decimal("0.5")))
-    metrics.observe(PricedRecord(**base, cost_usd=None))
-    metrics.observe(PricedRecord(**{**base, "prompt_tokens": None, "completion_tokens": None}))
-    metrics.observe(make_record(requested_model="m", prompt_tokens=10))  # today's records: no opinion
+    metrics.observe(make_record(**base, cost_nanos=125_000, price_ref="db:1"))  # $0.000125
+    metrics.observe(make_record(**base, cost_nanos=500_000_000, price_ref="db:1"))  # $0.5
+    metrics.observe(make_record(**base))  # used tokens, nothing priced it: unpriced
+    metrics.observe(make_record(requested_model="m"))  # no usage: nothing to price, not unpriced
     get = registry.get_sample_value
     assert get("meter_cost_usd_total", {"team": "unassigned", "model": "m"}) == pytest.approx(0.500125)
-    assert get("meter_unpriced_requests_total", {"model": "m"}) == 1
+    assert get("meter_unpriced_requests_total", {"team": "unassigned", "model": "m"}) == 1
 
 
 # --- through the real proxy ------------------------------------------------------------------------

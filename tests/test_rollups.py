@@ -155,8 +155,11 @@ async def test_the_migration_backfills_the_rollup_from_existing_events(db_url: s
     await migrate.upgrade(db_url, "0001")
     engine = create_engine(db_url)
     try:
-        async with engine.begin() as conn:  # written by a meter that had no rollup yet
-            await conn.execute(insert(usage_events), [record_to_row(r) for r in dataset(300, seed=4)])
+        async with engine.begin() as conn:  # written by a meter that had no rollup (and no cost) yet
+            rows = [record_to_row(r) for r in dataset(300, seed=4)]
+            for row in rows:
+                del row["cost_nanos"], row["price_ref"]  # added by 0003
+            await conn.execute(insert(usage_events), rows)
         await migrate.upgrade(db_url)
         assert await count(engine, usage_hourly) > 0
         await assert_rollup_equals_raw(engine)

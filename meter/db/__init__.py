@@ -1,13 +1,15 @@
 """meter's database sink: schema, migrations, the background batch writer, and report queries.
 
 Modules, in data-flow order: :mod:`~meter.db.engine` (URLs, engines, ping),
-:mod:`~meter.db.models` and :mod:`~meter.db.types` (schema), :mod:`~meter.db.migrate` (Alembic),
+:mod:`~meter.db.models`, :mod:`~meter.db.tenancy_models` and :mod:`~meter.db.types` (schema),
+:mod:`~meter.db.migrate` (Alembic),
 :mod:`~meter.db.writer` (records in), :mod:`~meter.db.queries` (reports out),
 :mod:`~meter.db.report` (rendering, pure).
 """
 
 from __future__ import annotations
 
+from meter.db import tenancy_models  # noqa: F401  (registers its tables on Base.metadata)
 from meter.db.engine import create_engine, normalize_url, ping
 from meter.db.migrate import current, downgrade, head, upgrade
 from meter.db.queries import recent_requests, usage_summary

@@ -23,6 +23,11 @@ Rule 6: ``usage_hourly`` has one row per (UTC hour, team, key, requested model, 
         ``<name>_records`` count of the records that reported it: a sum over records that reported
         nothing is "not reported", never 0.
 
+Rule 7: money is whole nano-USD (meter.billing): ``usage_events.cost_nanos`` is a record's cost, NULL
+        when unpriced or without usage, with ``price_ref`` naming the price row; ``usage_hourly`` sums
+        the costs (0 when nothing was priced) and counts ``unpriced_requests``: records with token
+        usage and no cost, which a report shows rather than billing them as $0.
+
 This module describes the schema; migrations/versions/ creates it. A test checks they agree.
 """
 
@@ -102,6 +107,8 @@ class UsageEvent(Base):
     request_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
     response_bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
     error: Mapped[str | None] = mapped_column(Text)
+    cost_nanos: Mapped[int | None] = mapped_column(BigInteger)  # Rule 7
+    price_ref: Mapped[str | None] = mapped_column(Text)
 
     # One index per report access path: a time range, optionally narrowed to one team/key/model.
     __table_args__ = (
@@ -137,6 +144,8 @@ class UsageHourly(Base):
     reasoning_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
     total_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     total_tokens_records: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cost_nanos: Mapped[int] = mapped_column(BigInteger, nullable=False)  # sum over priced records
+    unpriced_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)  # Rule 7
 
     # The primary key leads with hour (time ranges); budgets and team reports narrow by these.
     __table_args__ = (

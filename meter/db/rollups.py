@@ -10,7 +10,9 @@ Rule 2: one aggregation, :func:`rollup_upsert_sql`, for every backend and path, 
         same SQL functions the raw report uses (meter.db.queries): per group ``requests``,
         ``errors`` (outcome != 'ok'), ``records_missing_usage``, and per token field ``SUM`` and
         ``COUNT`` (records that reported it), so a sum over records that reported nothing stays
-        "not reported" rather than 0.
+        "not reported" rather than 0; ``cost_nanos`` summed (integer nano-USD) and
+        ``unpriced_requests`` counted (records with tokens and no cost), so billing reads exact sums.
+        Re-rating adjusts both by differences (meter.tenancy.ledger).
 Rule 3: hours are UTC, in the form each backend stores timestamps (meter.db.types); the key
         columns encode NULL as ``''`` plus a ``null_dims`` bit (meter.db.models, Rule 6).
 Rule 4: rows are upserted in key order, so writers updating the same rollup rows (two batches in
@@ -45,6 +47,8 @@ SUM_COLUMNS: tuple[str, ...] = (
     "errors",
     "records_missing_usage",
     *(column for name in TOKEN_COLUMNS for column in (name, f"{name}_records")),
+    "cost_nanos",
+    "unpriced_requests",
 )
 # The usage_events columns the aggregation reads.
 ROLLUP_INPUTS: tuple[str, ...] = (
@@ -57,6 +61,12 @@ ROLLUP_INPUTS: tuple[str, ...] = (
     "outcome",
     "usage_source",
     *TOKEN_COLUMNS,
+    "cost_nanos",
+)
+# A record that used tokens but has no cost (meter.billing, Rule 3).
+UNPRICED_SQL = (
+    "cost_nanos IS NULL AND (prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL"
+    " OR total_tokens IS NOT NULL)"
 )
 # The start of started_at's UTC hour, in the form each backend stores timestamps (Rule 3).
 HOUR_SQL = {
@@ -101,7 +111,9 @@ def rollup_upsert_sql(dialect_name: str, source: str) -> str:
                COUNT(*),
                SUM(CASE WHEN outcome <> 'ok' THEN 1 ELSE 0 END),
                SUM(CASE WHEN usage_source = 'missing' THEN 1 ELSE 0 END),
-               {tokens}
+               {tokens},
+               COALESCE(SUM(cost_nanos), 0),
+               SUM(CASE WHEN {UNPRICED_SQL} THEN 1 ELSE 0 END)
         FROM {source}
         GROUP BY {positions}
         ORDER BY {positions}

@@ -1,0 +1,21 @@
+"""Teams, keys and prices: who a request belongs to, what credential goes upstream, what it costs.
+
+Modules, in data-flow order:
+
+* :mod:`~meter.tenancy.keys` (pure): key kinds, the unknown-key policy, and the resolution of a
+  presented key; :mod:`~meter.tenancy.credentials`: upstream credentials by name (no secret in the DB);
+* :mod:`~meter.tenancy.directory`: the in-memory key directory the proxy asks per request;
+* :mod:`~meter.tenancy.store`: team and key writes with their audit trail (admin API and CLI);
+* :mod:`~meter.tenancy.prices`: operator price rows and the price book (with :mod:`meter.billing`);
+* :mod:`~meter.tenancy.ledger`: billing reports and re-rating over stored usage;
+* :mod:`~meter.tenancy.runtime`: :class:`Tenancy`, the composition a running meter holds, and its
+  refresh loop.
+* :mod:`~meter.tenancy.errors`: the errors above, in meter's hierarchy.
+"""
+
+from __future__ import annotations
+
+from meter.tenancy.keys import UNASSIGNED, Resolution, ResolutionKind, UnknownKeyPolicy
+from meter.tenancy.runtime import Tenancy, TenancyConfig
+
+__all__ = ["UNASSIGNED", "Resolution", "ResolutionKind", "Tenancy", "TenancyConfig", "UnknownKeyPolicy"]
