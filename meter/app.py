@@ -64,7 +64,7 @@ def is_own_path(path: str) -> bool:
 
 @dataclass
 class Runtime:
-    """What the running app holds; tests reach in here to wait on the writer or read metrics."""
+    """What the running app holds; tests reach in here for the pipeline, metrics and emitted records."""
 
     settings: Settings
     registry: CollectorRegistry

@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -116,3 +116,45 @@ async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
         yield engine
     finally:
         await engine.dispose()
+
+
+def every_field_record() -> UsageRecord:
+    """A record with every field set to a non-default, awkward value (big token counts, a non-UTC
+    offset, unicode), for round-trip tests. ``reasoning_tokens`` stays None on purpose: "not reported"
+    must survive a round trip as None, not 0. A test asserts no other field is left at its default,
+    so a field added to UsageRecord cannot silently escape the round-trip tests."""
+    return make_record(
+        started_at=datetime(2024, 5, 1, 23, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-2))),
+        method="POST",
+        endpoint="/v1/completions",
+        status_code=499,
+        outcome=Outcome.ABORTED,
+        usage_source=UsageSource.ESTIMATED,
+        stream=True,
+        key_fingerprint="f" * 64,
+        key_suffix="...abcd",
+        team="search",
+        requested_model="llama-v3-70b",
+        response_model="accounts/fireworks/models/llama-v3-70b-instruct",
+        response_id="cmpl-1",
+        request_id="req-1",
+        finish_reason="stop,length",
+        prompt_tokens=9_000_000_000,  # beyond 32 bits: the columns are BIGINT
+        completion_tokens=7,
+        cached_tokens=0,
+        reasoning_tokens=None,
+        total_tokens=9_000_000_007,
+        duration_ms=1234.5,
+        upstream_headers_ms=100.25,
+        ttft_ms=150.125,
+        output_tokens_per_second=42.0,
+        overhead_ms=0.75,
+        server_ttft_ms=90.5,
+        server_processing_ms=1000.0,
+        upstream_metrics={"prefill_ms": 12.5, "queue_ms": 0.0, "count": 3},
+        request_bytes=2048,
+        response_bytes=4096,
+        error="client went away: ünïcödé ✓",
+        cost_nanos=12_345_678_901,
+        price_ref="sheet:2025-08-01:llama-v3-70b",
+    )

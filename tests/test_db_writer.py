@@ -5,9 +5,10 @@ never by sleeping."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 from collections.abc import AsyncIterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,11 @@ from meter.db import migrate
 from meter.db.engine import create_engine
 from meter.db.models import row_to_record, usage_events
 from meter.db.writer import BatchWriter, PendingOverflowError, RecordRejectedError, write_batch
-from meter.records import Outcome, UsageRecord, UsageSource
+from meter.records import UsageRecord
 from tests.conftest_db import (
     create_database,
     drop_database,
+    every_field_record,
     make_record,
     postgres_url_for,
     unique_database_name,
@@ -66,40 +68,20 @@ class ErrorLog:
 # -- write_batch: the reusable, journal-facing primitive --------------------------------------------
 
 
+def test_the_round_trip_record_sets_every_field() -> None:
+    record = every_field_record()
+    left_default = [
+        f.name
+        for f in dataclasses.fields(UsageRecord)
+        if f.name not in {"event_id", "reasoning_tokens"}
+        and getattr(record, f.name)
+        == (f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default)
+    ]
+    assert left_default == [], f"every_field_record() leaves {left_default} at their defaults"
+
+
 async def test_every_field_round_trips(db_engine: AsyncEngine) -> None:
-    record = make_record(
-        started_at=datetime(2024, 5, 1, 23, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-2))),
-        method="POST",
-        endpoint="/v1/completions",
-        status_code=499,
-        outcome=Outcome.ABORTED,
-        usage_source=UsageSource.ESTIMATED,
-        stream=True,
-        key_fingerprint="f" * 64,
-        key_suffix="...abcd",
-        team="search",
-        requested_model="llama-v3-70b",
-        response_model="accounts/fireworks/models/llama-v3-70b-instruct",
-        response_id="cmpl-1",
-        request_id="req-1",
-        finish_reason="stop,length",
-        prompt_tokens=9_000_000_000,  # beyond 32 bits: the columns are BIGINT
-        completion_tokens=7,
-        cached_tokens=0,
-        reasoning_tokens=None,
-        total_tokens=9_000_000_007,
-        duration_ms=1234.5,
-        upstream_headers_ms=100.25,
-        ttft_ms=150.125,
-        output_tokens_per_second=42.0,
-        overhead_ms=0.75,
-        server_ttft_ms=90.5,
-        server_processing_ms=1000.0,
-        upstream_metrics={"prefill_ms": 12.5, "queue_ms": 0.0},
-        request_bytes=2048,
-        response_bytes=4096,
-        error="client went away",
-    )
+    record = every_field_record()
     assert await write_batch(db_engine, [record]) == 1
 
     back = await stored(db_engine, record.event_id)

@@ -14,7 +14,7 @@ import sys
 import textwrap
 import zlib
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import orjson
@@ -30,41 +30,9 @@ from meter.journal import (
 )
 from meter.payload import decode_record, encode_record
 from meter.records import Outcome, UsageRecord, UsageSource
-from tests.conftest_db import make_record
+from tests.conftest_db import every_field_record, make_record
 
-EVERY_FIELD = make_record(
-    started_at=datetime(2024, 5, 1, 23, 30, 15, 123456, tzinfo=timezone(timedelta(hours=-2))),
-    method="POST",
-    endpoint="/v1/completions",
-    status_code=499,
-    outcome=Outcome.ABORTED,
-    usage_source=UsageSource.ESTIMATED,
-    stream=True,
-    key_fingerprint="f" * 64,
-    key_suffix="...abcd",
-    team="search",
-    requested_model="llama-v3-70b",
-    response_model="accounts/fireworks/models/llama-v3-70b-instruct",
-    response_id="cmpl-1",
-    request_id="req-1",
-    finish_reason="stop,length",
-    prompt_tokens=9_000_000_000,
-    completion_tokens=7,
-    cached_tokens=0,
-    reasoning_tokens=None,
-    total_tokens=9_000_000_007,
-    duration_ms=1234.5,
-    upstream_headers_ms=100.25,
-    ttft_ms=150.125,
-    output_tokens_per_second=42.0,
-    overhead_ms=0.75,
-    server_ttft_ms=90.5,
-    server_processing_ms=1000.0,
-    upstream_metrics={"prefill_ms": 12.5, "queue_ms": 0.0, "count": 3},
-    request_bytes=2048,
-    response_bytes=4096,
-    error="client went away: ünïcödé ✓",
-)
+EVERY_FIELD = every_field_record()
 
 
 def records(count: int, **overrides: object) -> list[UsageRecord]:
