@@ -33,6 +33,7 @@ from meter.simulator import (
 )
 from meter.simulator.app import YIELD_EVERY
 from meter.simulator.shapes import embedding_vector
+from tests.conftest import wait_for
 from tests.support.serve import RunningServer, serve_in_thread
 
 KEY = "fw-test"
@@ -804,6 +805,8 @@ def test_counters_account_for_every_request(
     with pytest.raises(openai.APIError):
         list(client.chat.completions.create(model="sim-error-midstream", messages=MESSAGES, stream=True))
     http.get(f"{url}/v1/unknown", headers=AUTH)
+    # The server thread settles its counters just after the last byte leaves: wait for quiescence.
+    wait_for(lambda: sim.stats.in_flight == 0, message="the simulator to finish its last request")
     s = sim.stats
     assert (s.requests, s.completed, s.errors, s.streams_started) == (5, 2, 3, 2)
     assert s.requests == s.completed + s.errors + s.cancelled + s.streams_cancelled + s.in_flight
