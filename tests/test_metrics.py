@@ -259,7 +259,7 @@ def test_ten_thousand_random_model_names_through_the_proxy(tmp_path):
 
 
 def test_exposition_passes_promtool_and_parses_as_openmetrics(meter):
-    key = "fw-exposition-key-9876"
+    key = "fw-exposition-key-wxyz"  # a letter suffix: digits could occur in any float sample
     client = httpx.Client(base_url=meter.base_url, headers={"Authorization": f"Bearer {key}"})
     body = {"model": "m-a", "max_tokens": 3, "messages": [{"role": "user", "content": "a b"}]}
     client.post("/chat/completions", json=body)
