@@ -62,6 +62,18 @@ class Settings:
     upstream_credentials_file: str | None = None  # TOML of name = "secret": credentials teams can name
     price_file: str | None = None  # TOML price sheet overriding the shipped one (validated at start)
     key_directory_refresh: float = 2.0  # seconds between checks for admin changes made elsewhere
+    # Quotas (meter.quota): counters in Redis when set (shared by replicas), else in this process.
+    redis_url: str | None = None
+    quota_prefix: str = "meter:quota:"  # Redis key prefix (several meters can share one Redis)
+    quota_timeout: float = 0.1  # seconds a Redis call may take before the failure policy applies
+    quota_max_connections: int = 128
+    quota_server_time: bool = True  # rate windows on Redis' clock, so skewed replicas share one window
+    quota_timezone: str = "UTC"  # where budget days, weeks and months begin
+    quota_default_max_tokens: int = 4096  # output reserved for a request that sets no max_tokens
+    quota_budget_failure: str = "closed"  # budgets when Redis is unavailable: "closed" (503) or "open"
+    quota_rate_failure: str = "open"  # rate limits when Redis is unavailable
+    quota_retry_store_after: float = 1.0  # seconds without Redis calls after a failure
+    quota_lease_seconds: float = 900.0  # a reservation of a process that died is released after this
 
     @property
     def is_sqlite(self) -> bool:
@@ -134,6 +146,29 @@ def _fsync_policy(value: str) -> str:
     return value
 
 
+def _redis_url(value: str) -> str:
+    if urlsplit(value).scheme not in {"redis", "rediss", "unix"}:
+        raise ValueError("must be a redis://, rediss:// or unix:// URL")
+    return value
+
+
+def _timezone(value: str) -> str:
+    from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ValueError("must be an IANA time zone name such as UTC or Europe/Berlin") from None
+    return value
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise ValueError("must not be negative")
+    return number
+
+
 def _text(value: str) -> str:
     if not value:
         raise ValueError("must not be empty")
@@ -173,6 +208,17 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_UPSTREAM_CREDENTIALS_FILE": ("upstream_credentials_file", _text),
     "METER_PRICE_FILE": ("price_file", _text),
     "METER_KEY_DIRECTORY_REFRESH": ("key_directory_refresh", _positive_float),
+    "METER_REDIS_URL": ("redis_url", _redis_url),
+    "METER_QUOTA_PREFIX": ("quota_prefix", _text),
+    "METER_QUOTA_TIMEOUT": ("quota_timeout", _positive_float),
+    "METER_QUOTA_MAX_CONNECTIONS": ("quota_max_connections", _positive_int),
+    "METER_QUOTA_SERVER_TIME": ("quota_server_time", _parse_bool),
+    "METER_QUOTA_TIMEZONE": ("quota_timezone", _timezone),
+    "METER_QUOTA_DEFAULT_MAX_TOKENS": ("quota_default_max_tokens", _non_negative_int),
+    "METER_QUOTA_BUDGET_FAILURE": ("quota_budget_failure", _choice("closed", "open")),
+    "METER_QUOTA_RATE_FAILURE": ("quota_rate_failure", _choice("open", "closed")),
+    "METER_QUOTA_RETRY_STORE_AFTER": ("quota_retry_store_after", _positive_float),
+    "METER_QUOTA_LEASE_SECONDS": ("quota_lease_seconds", _positive_float),
 }
 
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {
