@@ -225,8 +225,16 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     direct = next(t for t in targets if t["kind"] == "direct")
     meters = [t for t in targets if t["kind"] == "meter"]
     results["comparison"] = [compare(direct, m) for m in meters]
-    results["servers"] = choose(meters, "server", "client")
-    results["clients"] = choose(meters, "client", "server")
+    plain = [m for m in meters if not m.get("quota")]
+    results["servers"] = choose(plain, "server", "client")
+    results["clients"] = choose(plain, "client", "server")
+    results["quota"] = [
+        {**compare(base, m), "base": base["name"]}
+        for m in meters
+        if m.get("quota")
+        for base in plain
+        if (base["server"], base["client"]) == (m["server"], m["client"])
+    ]
     results["warnings"] = warnings(results)
     return results
 

@@ -305,6 +305,41 @@ def render(results: dict[str, Any]) -> str:
     ]
     out += ["", *_table(["target", "req/s ratio", "streams/s ratio"], rows)]
 
+    if results.get("quota"):
+        out.append("")
+        out.append(
+            "QUOTA ADMISSION  meter with limits on (Redis; team + key, every kind of limit) minus the same "
+            "meter without limits (ms; throughput as on/off)"
+        )
+        rows = []
+        for q in results["quota"]:
+            for rate, added in q["latency"].items():
+                rows.append(
+                    [
+                        q["target"],
+                        f"latency @ {rate}/s",
+                        _signed(added["added_p50_ms"]),
+                        _signed(added["added_p99_ms"]),
+                    ]
+                )
+            for rate, added in q["ttft"].items():
+                rows.append(
+                    [
+                        q["target"],
+                        f"TTFT @ {rate} streams/s",
+                        _signed(added["added_p50_ms"]),
+                        _signed(added["added_p99_ms"]),
+                    ]
+                )
+            rows.append(
+                [
+                    q["target"],
+                    "throughput on/off",
+                    f"req {_fmt(q['throughput_ratio']['requests'], 3)}",
+                    f"streams {_fmt(q['throughput_ratio']['streams'], 3)}",
+                ]
+            )
+        out += _table(["target", "what", "added p50", "added p99"], rows)
     out.append("")
     out.append("TARGETS  per meter process, everything on (usage parsing, SQLite record, metrics)")
     rows = []

@@ -38,7 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from bench import compare, procs, report, stats, wrk
-from bench.targets import Target, count_records, rss_summary, start_meter, start_simulator, wait_writer_idle
+from bench.targets import (
+    Target,
+    count_records,
+    rss_summary,
+    set_limits,
+    start_meter,
+    start_simulator,
+    wait_writer_idle,
+)
 
 SERVERS = ("uvicorn", "granian")
 CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")
@@ -78,6 +86,7 @@ class Options:
     retry_noisy: int
     json_path: Path | None
     workdir: Path | None
+    quota_redis: str | None
     quick: bool
 
 
@@ -134,6 +143,15 @@ def parse_args(argv: list[str] | None) -> Options:
         help=f"re-run a round during which other processes used > {NOISY_ROUND_PCT:g}%% of a core, at most "
         "this many times per step and target (default 2, --quick 0; 0 keeps every round)",
     )
+    parser.add_argument(
+        "--quota",
+        nargs="?",
+        const="redis://127.0.0.1:6379/0",
+        default=None,
+        metavar="REDIS_URL",
+        help="also measure meter with quota limits on (counters in this Redis, default "
+        "redis://127.0.0.1:6379/0) beside the same meter with none, and report what admission adds",
+    )
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run (tests use it)")
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="also save results here")
     parser.add_argument(
@@ -184,6 +202,7 @@ def parse_args(argv: list[str] | None) -> Options:
         retry_noisy=pick(args.retry_noisy, 2, 0),
         json_path=args.json_path,
         workdir=args.workdir,
+        quota_redis=args.quota,
         quick=quick,
     )
 
@@ -419,9 +438,17 @@ def main(argv: list[str] | None = None) -> int:
                     assert target.process is not None
                     processes.append(target.process)
                     targets.append(target)
+            if options.quota_redis is not None:
+                server, client = options.servers[0], options.clients[0]
+                target = start_meter(workdir, pinning, sim_url, server, client, redis_url=options.quota_redis)
+                assert target.process is not None
+                processes.append(target.process)
+                targets.append(target)
             for target in targets[1:]:
                 assert target.process is not None
                 procs.wait_http(f"{target.url}/readyz", target.process, timeout=60)
+                if target.quota:
+                    set_limits(target, KEY)
                 log(f"{target.name} ready on {target.url} (pid {target.process.pid})")
             loadgen = procs.LoadGenerator(pinning.load, REPO)
             try:
@@ -469,6 +496,7 @@ def main(argv: list[str] | None = None) -> int:
                 "kind": t.kind,
                 "server": t.server,
                 "client": t.client,
+                "quota": t.quota,
                 **t.results,
                 "requests_seen": t.sim_requests,
             }

@@ -29,6 +29,7 @@ class Target:
     db_path: Path | None = None
     results: dict[str, Any] = field(default_factory=dict)
     sim_requests: int = 0
+    quota: bool = False  # limits on the bench key, counters in Redis (the admission benchmark)
 
 
 def _meter_env(client: str) -> dict[str, str]:
@@ -54,10 +55,22 @@ def start_simulator(workdir: Path, pinning: procs.Pinning) -> tuple[procs.Proces
     return process, url
 
 
-def start_meter(workdir: Path, pinning: procs.Pinning, sim_url: str, server: str, client: str) -> Target:
-    name = f"meter[{server},{client}]"
+ADMIN_TOKEN = "bench-admin-token-" + "0" * 16
+
+
+def start_meter(
+    workdir: Path,
+    pinning: procs.Pinning,
+    sim_url: str,
+    server: str,
+    client: str,
+    *,
+    redis_url: str | None = None,
+) -> Target:
+    """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`."""
+    name = f"meter[{server},{client}]" + ("+quota" if redis_url else "")
     port = procs.free_port()
-    db_path = workdir / f"bench-{server}-{client}.db"
+    db_path = workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}.db"
     argv = _meter_command(
         "serve",
         "--port",
@@ -71,8 +84,39 @@ def start_meter(workdir: Path, pinning: procs.Pinning, sim_url: str, server: str
         "--log-level",
         "warning",
     )
-    process = procs.start(name, argv, workdir, env=_meter_env(client), cpus=pinning.meter)
-    return Target(name, "meter", f"http://127.0.0.1:{port}", server, client, process, db_path)
+    env = _meter_env(client)
+    if redis_url is not None:
+        env["METER_REDIS_URL"] = redis_url
+        env["METER_QUOTA_PREFIX"] = f"meter-bench:{os.getpid()}:{port}:"
+        env["METER_ADMIN_TOKEN"] = ADMIN_TOKEN
+    process = procs.start(name, argv, workdir, env=env, cpus=pinning.meter)
+    target = Target(name, "meter", f"http://127.0.0.1:{port}", server, client, process, db_path)
+    target.quota = redis_url is not None
+    return target
+
+
+def set_limits(target: Target, key: str) -> None:
+    """Put the bench key in a team and give both every kind of limit, high enough that nothing is
+    refused: each request then pays a full reserve and settle (two subjects, every counter)."""
+    team = {
+        "budget_usd": "1000000",
+        "budget_period": "month",
+        "tokens_budget": 10**12,
+        "rpm": 10**9,
+        "tpm": 10**12,
+        "max_concurrent": 100_000,
+    }
+    procs.send_json("POST", f"{target.url}/admin/v1/teams", {"name": "bench"}, ADMIN_TOKEN)
+    created = procs.send_json(
+        "POST", f"{target.url}/admin/v1/teams/bench/keys", {"kind": "passthrough", "key": key}, ADMIN_TOKEN
+    )
+    procs.send_json("PUT", f"{target.url}/admin/v1/teams/bench/limits", team, ADMIN_TOKEN)
+    procs.send_json(
+        "PUT",
+        f"{target.url}/admin/v1/keys/{created['id']}/limits",
+        {"budget_usd": "1000000", "rpm": 10**9},
+        ADMIN_TOKEN,
+    )
 
 
 def writer_pending(target: Target) -> float:

@@ -13,6 +13,7 @@ Endpoints (``{team}`` is a team name, ``{key_id}`` a key id):
 * ``GET/POST /prices``, ``GET /prices/lookup?model=&at=``
 * ``GET /billing?month=|since=&until=&period=day|month&team=&model=``, ``POST /billing/rerate``
 * ``GET /audit?limit=&since=&target=``
+* quota limits and status: see :mod:`meter.admin_quota`
 
 The handlers read ``app.state.tenancy`` (:class:`meter.tenancy.Tenancy`) and ``app.state.engine``.
 """
@@ -28,6 +29,7 @@ from litestar.router import Router
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.admin import parse_time, require_admin
+from meter.admin_quota import QUOTA_ROUTES
 from meter.billing import month_range
 from meter.errors import RequestError
 from meter.identity import bearer_token
@@ -363,6 +365,7 @@ ROUTES = [
     billing,
     rerate_range,
     audit,
+    *QUOTA_ROUTES,
 ]
 
 

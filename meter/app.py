@@ -43,6 +43,7 @@ from meter.journal import Journal, default_journal_root, parse_fsync_policy
 from meter.metrics import ProxyMetrics, exposition_registry
 from meter.pipeline import Pipeline
 from meter.proxy import Proxy
+from meter.quota.runtime import Quotas
 from meter.records import UsageRecord
 from meter.requestlog import RequestLog, resolve_format
 from meter.settings import Settings
@@ -77,6 +78,7 @@ class Runtime:
     meter_provider: MeterProvider | None = None
     request_log: RequestLog | None = None
     tenancy: Tenancy | None = None
+    quotas: Quotas | None = None
     sinks: list[Callable[[UsageRecord], None]] = field(default_factory=list)  # telemetry, after metrics
     extra_sinks: list[Any] = field(default_factory=list)
 
@@ -152,6 +154,7 @@ def create_app(
     # Reads the credentials and price files now: a bad one stops start-up with a message naming it.
     tenancy = Tenancy(runtime.fingerprinter, config_from_settings(settings), registry=registry)
     runtime.tenancy = tenancy
+    quotas = runtime.quotas = Quotas(settings, tenancy, registry)
     runtime.sinks.append(request_log)
     if meter_provider is not None:
         runtime.sinks.append(
@@ -162,6 +165,7 @@ def create_app(
                 team_label=metrics.team_label,
             )
         )
+
     async def readiness_check() -> dict[str, Any]:
         if runtime.engine is None or runtime.pipeline is None:
             return {"ready": False, "reason": "starting"}
@@ -196,9 +200,11 @@ def create_app(
         )
         await runtime.pipeline.start()
         await tenancy.start(runtime.engine)
+        await quotas.start(runtime.engine)
         await upstream.start()
         app.state.engine = runtime.engine
         app.state.tenancy = tenancy
+        app.state.quota = quotas.admission
         # Everything alive now (modules, the app) lives until exit: freeze it out of the collector's
         # scans and collect less often. Unfrozen, full collections paused the loop ~70 ms under load.
         gc.collect()
@@ -209,6 +215,7 @@ def create_app(
         await upstream.aclose()
         if runtime.pipeline is not None:
             await runtime.pipeline.stop(timeout=settings.shutdown_grace)
+        await quotas.stop()
         await tenancy.stop()
         if runtime.engine is not None:
             await runtime.engine.dispose()
@@ -241,5 +248,6 @@ def create_app(
         on_observe_error=metrics.observe_error,
         tracer=tracer,
         tenancy=tenancy,
+        quota=quotas.admission,
     )
     return MeterApp(runtime, litestar, proxy)

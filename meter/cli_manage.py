@@ -1,4 +1,5 @@
-"""``meter team|key|prices|billing|audit``: the admin API's powers from the command line.
+"""``meter team|key|prices|billing|audit|quota``: the admin API's powers from the command line
+(``quota`` lives in :mod:`meter.cli_quota`).
 
 The commands work on the database directly (``--database`` / ``METER_DATABASE_URL``), through the same
 functions as the admin API (:mod:`meter.tenancy`), and are audited with the actor ``cli:<user>``. A
@@ -22,6 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from meter.cli_quota import quota
 from meter.errors import MeterError
 
 if TYPE_CHECKING:
@@ -120,15 +122,21 @@ def _labels(pairs: tuple[str, ...]) -> dict[str, str]:
 
 
 def _team_row(team: Team) -> dict[str, Any]:
+    from meter.quota.report import limits_summary
+
     row = team.to_json()
     del row["object"]
     row["labels"] = ",".join(f"{k}={v}" for k, v in sorted(team.labels.items()))
+    row["limits"] = limits_summary(team.limits)
     return row
 
 
 def _key_row(key: KeyInfo, now: datetime) -> dict[str, Any]:
+    from meter.quota.report import limits_summary
+
     row = key.to_json(now)
     del row["object"]
+    row["limits"] = limits_summary(key.limits)
     return row
 
 
@@ -634,4 +642,4 @@ def audit(limit: int, since: str | None, target: str | None, fmt: str, database_
     _echo([entry.to_json() for entry in entries], fmt)
 
 
-COMMANDS = (team, key, prices, billing, audit)
+COMMANDS = (team, key, prices, billing, audit, quota)

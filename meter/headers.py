@@ -52,3 +52,12 @@ def client_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tupl
     headers = list(headers)
     drop = HOP_BY_HOP | _connection_tokens(headers)
     return [(name, value) for name, value in headers if name.lower() not in drop]
+
+
+def override_headers(
+    headers: list[tuple[bytes, bytes]], replacements: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """``headers`` without any header named in ``replacements`` (lower-case names), followed by the
+    replacements: meter's own ``x-ratelimit-*`` for a key it limits, instead of the upstream's."""
+    names = {name for name, _ in replacements}
+    return [(n, v) for n, v in headers if n.lower() not in names] + replacements

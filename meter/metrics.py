@@ -75,7 +75,8 @@ def error_type(record: UsageRecord) -> str | None:
     """The record's error in a bounded vocabulary, shared by metrics and spans (OpenTelemetry's
     ``error.type``): None when the request succeeded; ``aborted`` (the client left); the upstream's
     status code (``"429"``, ``"503"``); ``stream_error`` (an error event inside a 2xx stream); or
-    meter's own: ``request_too_large``, ``upstream_failed``, ``upstream_timeout``, ``proxy_error``."""
+    meter's own: ``request_too_large``, ``upstream_failed``, ``upstream_timeout``, ``proxy_error``,
+    ``quota_rejected`` (429 from a limit), ``quota_unavailable`` (503: the quota store is down)."""
     outcome = record.outcome
     if outcome is Outcome.OK:
         return None
@@ -83,6 +84,8 @@ def error_type(record: UsageRecord) -> str | None:
         return "aborted"
     if outcome is Outcome.PROXY_ERROR:
         return _PROXY_ERROR_TYPES.get(record.status_code, "proxy_error")
+    if outcome is Outcome.REJECTED:
+        return "quota_rejected" if record.status_code == 429 else "quota_unavailable"
     return str(record.status_code) if record.status_code >= 400 else "stream_error"
 
 
@@ -129,7 +132,8 @@ class ProxyMetrics:
         self.errors = Counter(
             "meter_request_errors",
             "Requests that did not succeed, by error type (upstream status code, stream_error, aborted, "
-            "or meter's own: request_too_large, upstream_failed, upstream_timeout, proxy_error).",
+            "or meter's own: request_too_large, upstream_failed, upstream_timeout, proxy_error, "
+            "quota_rejected, quota_unavailable).",
             ["team", "model", "error_type"],
             registry=registry,
         )

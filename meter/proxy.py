@@ -12,6 +12,14 @@ Rule 4 (the client leaving stops the upstream): a watcher task waits for ``http.
         the relay; the upstream response is then closed together with its connection, so the provider
         stops generating.
 Rule 5 (the hot path never waits on a sink): ``emit`` must return at once (the writer queues).
+Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admitted after its key is
+        resolved and before anything is sent upstream; a refused one gets the hook's 429/503 and is
+        recorded as ``rejected``. An admitted request's reservation is settled exactly once with what
+        the record says it used: before the byte that completes the response (so a client that sees
+        its response complete also sees its spend counted), or, if the exchange ended otherwise, in
+        the ``finally`` (shielded from cancellation). The hook's ``x-ratelimit-*`` headers replace the
+        upstream's on responses to keys with rate limits: the one documented change to response
+        headers.
 
 Timings (all from one monotonic clock, origin = the moment the ASGI server handed meter the request):
 ``upstream_headers_ms`` until the upstream's response head, ``ttft_ms`` until the first streamed chunk
@@ -30,7 +38,7 @@ from typing import Any, Protocol
 
 from meter.errors import MeterError, RequestTooLarge, UpstreamError
 from meter.forward import Upstream, UpstreamResponse
-from meter.headers import client_response_headers, upstream_request_headers
+from meter.headers import client_response_headers, override_headers, upstream_request_headers
 from meter.identity import KeyFingerprinter, bearer_token
 from meter.observe import Observation, ResponseObserver
 from meter.records import Outcome, Usage, UsageRecord, UsageSource, new_event_id
@@ -65,6 +73,40 @@ def swap_authorization(headers: list[tuple[str, str]], authorization: str) -> li
     header (the client's ``mk-`` key) becomes the upstream credential, in place, so the virtual key
     never leaves meter and header order is kept."""
     return [("authorization", authorization) if n.lower() == "authorization" else (n, v) for n, v in headers]
+
+
+class QuotaHook(Protocol):
+    """Admission (:class:`meter.quota.admission.Admission`). Absent, nothing is limited."""
+
+    async def admit(
+        self, team: str, key_fp: str | None, info: RequestInfo, now: datetime, *, endpoint: str | None = None
+    ) -> Any:
+        """An AdmissionResult: ``allowed``, ``reservation``, ``headers``, ``rejection``."""
+        ...
+
+    async def settle(self, reservation: Any, usage: Usage | None, cost: Any, now: datetime) -> Any:
+        """Never raises for store failures."""
+        ...
+
+
+def settlement_usage(record: UsageRecord) -> Usage | None:
+    """What a finished request consumed, for settling its reservation. None means "unknown": the
+    whole reservation is charged (a stream cut before any usage, an upstream that timed out and may
+    still have generated). An upstream error without usage, or a request that never reached the
+    upstream, consumed nothing."""
+    if record.usage_source is not UsageSource.MISSING:
+        return Usage(
+            record.prompt_tokens,
+            record.completion_tokens,
+            record.cached_tokens,
+            record.reasoning_tokens,
+            record.total_tokens,
+        )
+    if record.outcome is Outcome.UPSTREAM_ERROR and record.status_code >= 400:
+        return Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
+    if record.outcome is Outcome.PROXY_ERROR and record.status_code != 504:
+        return Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)  # upstream unreachable
+    return None
 
 
 class TraceHook(Protocol):
@@ -104,9 +146,13 @@ class _Exchange:
         "key_fingerprint",
         "key_suffix",
         "observation",
+        "quota_headers",
+        "record",
+        "rejection",
         "relaying",
         "request_bytes",
         "request_id",
+        "reservation",
         "response_bytes",
         "scope",
         "span",
@@ -134,6 +180,10 @@ class _Exchange:
         self.key_fingerprint: str | None = None
         self.key_suffix: str | None = None
         self.observation: Observation | None = None
+        self.quota_headers: list[tuple[bytes, bytes]] | None = None
+        self.record: UsageRecord | None = None
+        self.rejection: Any = None
+        self.reservation: Any = None
         self.request_bytes = 0
         self.response_bytes = 0
         self.span: Any = None
@@ -156,10 +206,12 @@ class Proxy:
         on_observe_error: Callable[[str], None] | None = None,
         tracer: TraceHook | None = None,
         tenancy: TenancyHook | None = None,
+        quota: QuotaHook | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self._tracer = tracer
         self._tenancy = tenancy
+        self._quota = quota
         self._upstream = upstream
         self._base = upstream_url.rstrip("/")
         self._fingerprinter = fingerprinter
@@ -174,13 +226,15 @@ class Proxy:
             await self._handle(scope, receive, send, x, x.t0, x.start_ns)
         finally:
             self._finalize(x)
+            if x.reservation is not None:
+                await self._settle(x)
 
     def _finalize(self, x: _Exchange) -> None:
         """Emit the request's one record (Rule 2): the first call wins, later calls do nothing."""
         if x.emitted:
             return
         x.emitted = True
-        record = self._record(x.scope, x, x.t0, datetime.fromtimestamp(x.start_ns / 1e9, UTC))
+        record = x.record = self._record(x.scope, x, x.t0, datetime.fromtimestamp(x.start_ns / 1e9, UTC))
         self._emit(record)
         if x.span is not None and self._tracer is not None:
             self._tracer.finish(x.span, record)
@@ -191,6 +245,16 @@ class Proxy:
         x.completed = True
         x.observation = observer.finish(aborted=False)
         self._finalize(x)
+
+    async def _settle(self, x: _Exchange) -> None:
+        """Settle the request's reservation once (Rule 6), from its record. Shielded: a client leaving
+        while the store answers must not leave the reservation held until its lease runs out."""
+        reservation, x.reservation = x.reservation, None
+        record = x.record
+        if reservation is None or record is None or self._quota is None:
+            return
+        settle = self._quota.settle(reservation, settlement_usage(record), record.cost_usd, datetime.now(UTC))
+        await asyncio.shield(settle)
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float, start_ns: int
@@ -227,6 +291,16 @@ class Proxy:
             x.team, x.key_fingerprint, x.key_suffix = who.team, who.fingerprint, who.suffix
             if who.upstream_authorization is not None:
                 upstream_headers = swap_authorization(upstream_headers, who.upstream_authorization)
+        if self._quota is not None:
+            admitted = await self._quota.admit(
+                x.team, x.key_fingerprint, x.info, datetime.now(UTC), endpoint=x.endpoint
+            )
+            if not admitted.allowed:
+                x.rejection = admitted.rejection
+                await self._send_rejection(send, admitted.rejection, x)
+                return
+            x.reservation = admitted.reservation
+            x.quota_headers = admitted.headers or None
         if self._tracer is not None:
             x.span = self._tracer.start(scope, x.info, start_ns)
             upstream_headers = replace_headers(upstream_headers, self._tracer.propagation_headers(x.span))
@@ -278,7 +352,11 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": client_response_headers(response.headers),
+                    "headers": (
+                        client_response_headers(response.headers)
+                        if x.quota_headers is None
+                        else override_headers(client_response_headers(response.headers), x.quota_headers)
+                    ),
                 }
             )
             x.t_client_headers = self._clock()
@@ -290,6 +368,8 @@ class Proxy:
                     # This chunk completes a Content-Length body in the client's eyes: record first.
                     observer.feed(chunk, now)
                     self._complete(x, observer)
+                    if x.reservation is not None:
+                        await self._settle(x)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -297,6 +377,8 @@ class Proxy:
             x.relaying = False
             if not x.emitted:
                 self._complete(x, observer)  # a chunked body ends with the terminator sent next
+            if x.reservation is not None:
+                await self._settle(x)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:
             if x.observation is None:
@@ -350,10 +432,18 @@ class Proxy:
         await send({"type": "http.response.body", "body": body, "more_body": False})
         x.response_bytes = len(body)
 
+    async def _send_rejection(self, send: Send, rejection: Any, x: _Exchange) -> None:
+        x.status = rejection.status
+        await send({"type": "http.response.start", "status": rejection.status, "headers": rejection.headers})
+        await send({"type": "http.response.body", "body": rejection.body, "more_body": False})
+        x.response_bytes = len(rejection.body)
+
     def _record(self, scope: Scope, x: _Exchange, t0: float, started_at: datetime) -> UsageRecord:
         t_end = self._clock()
         obs = x.observation
-        if x.client_gone:
+        if x.rejection is not None:
+            outcome = Outcome.REJECTED
+        elif x.client_gone:
             outcome = Outcome.ABORTED
         elif x.error is not None:
             outcome = Outcome.PROXY_ERROR
@@ -398,7 +488,12 @@ class Proxy:
                 usage_kwargs["cost_nanos"], usage_kwargs["price_ref"] = self._tenancy.cost(
                     started_at, x.info.model, obs.response_model, usage
                 )
-        error = x.error.message if x.error is not None else (obs.error_message if obs is not None else None)
+        if x.rejection is not None:
+            error: str | None = x.rejection.message
+        elif x.error is not None:
+            error = x.error.message
+        else:
+            error = obs.error_message if obs is not None else None
         return UsageRecord(
             event_id=new_event_id(),
             started_at=started_at,

@@ -65,8 +65,8 @@ class Settings:
     # Quotas (meter.quota): counters in Redis when set (shared by replicas), else in this process.
     redis_url: str | None = None
     quota_prefix: str = "meter:quota:"  # Redis key prefix (several meters can share one Redis)
-    quota_timeout: float = 0.1  # seconds a Redis call may take before the failure policy applies
-    quota_max_connections: int = 128
+    quota_timeout: float = 0.5  # seconds a Redis call may take before the failure policy applies
+    quota_max_connections: int = 32
     quota_server_time: bool = True  # rate windows on Redis' clock, so skewed replicas share one window
     quota_timezone: str = "UTC"  # where budget days, weeks and months begin
     quota_default_max_tokens: int = 4096  # output reserved for a request that sets no max_tokens

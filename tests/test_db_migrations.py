@@ -63,7 +63,7 @@ async def _inspect(url: str, fn: Any) -> Any:
 
 def test_migrations_are_found_in_the_repository() -> None:
     assert migrate.migrations_dir() == Path(__file__).resolve().parent.parent / "migrations"
-    assert migrate.head() == "0003"
+    assert migrate.head() == "0004"
 
 
 async def test_upgrade_to_head_then_downgrade_to_base(db_url: str) -> None:

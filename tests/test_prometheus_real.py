@@ -37,6 +37,8 @@ from tests.support.prometheus import (
 )
 
 KEY = "fw-prometheus-test-key-0001"
+CAPPED_KEY = "fw-prometheus-capped-key-0002"  # in team "capped", whose small budget runs out mid-traffic
+ADMIN = "prometheus-test-admin-token-0123456789"
 MODELS = ("accounts/fireworks/models/llama-v3p1-8b-instruct", "m-small", "m-large")
 QUOTA_METRICS = ("meter_quota_rejections_total", "meter_team_budget_usd", "meter_team_spend_usd")
 PIPELINE_METRICS = (
@@ -121,8 +123,13 @@ def drive_traffic(base_url: str, seconds: float, workers: int = 4) -> int:
         ) as r:
             r.read()
 
+    def capped(client: httpx.Client, rng: random.Random) -> None:
+        body = {"model": MODELS[0], "messages": messages, "max_tokens": rng.randint(2, 12)}
+        client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {CAPPED_KEY}"})
+
     scenarios = [
         (lambda c, r: chat(c, r), 4),
+        (capped, 1),
         (stream, 4),
         (
             lambda c, r: c.post(
@@ -170,7 +177,11 @@ def _scalar(prometheus: PrometheusServer, expr: str) -> float | None:
 
 @pytest.mark.slow
 def test_every_dashboard_and_alert_expression_returns_series(tmp_path, start_meter, simulator):
-    meter = start_meter(simulator.url)
+    meter = start_meter(simulator.url, admin_token=ADMIN)
+    with httpx.Client(base_url=f"{meter.url}/admin/v1", headers={"Authorization": f"Bearer {ADMIN}"}) as api:
+        api.post("/teams", json={"name": "capped"}).raise_for_status()
+        api.post("/teams/capped/keys", json={"kind": "passthrough", "key": CAPPED_KEY}).raise_for_status()
+        api.put("/teams/capped/limits", json={"budget_usd": "0.00005", "rpm": 100000}).raise_for_status()
     with PrometheusServer(tmp_path, [meter.url.removeprefix("http://")]) as prometheus:
         wait_for(lambda: prometheus.query('up{job="meter"} == 1'), 20, "Prometheus' first scrape of meter")
         sent = drive_traffic(meter.base_url, seconds=6)

@@ -42,13 +42,14 @@ def price(model: str | None) -> FlatPrice | None:
 
 
 def body(max_tokens: int | None = 200, model: str = "m", **extra: Any) -> bytes:
-    payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "x" * 400}], **extra}
+    payload: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": "x" * 368}], **extra}
     if max_tokens is not None:
         payload["max_tokens"] = max_tokens
     return orjson.dumps(payload)
 
 
-INFO = inspect_request(body())  # 100 prompt tokens + 200 output tokens = $0.0005 at FlatPrice
+# 92 + 8 (chat template) = 100 prompt tokens + 200 output tokens = $0.0005 at FlatPrice
+INFO = inspect_request(body())
 
 
 class CountingStore:
@@ -389,3 +390,17 @@ async def test_status_and_seed(make_store: StoreFactory) -> None:
     assert team_state.subject == Subject("team", "acme") and key_state.subject == Subject("key", FP)
     assert team_state.spent_usd == Decimal("9.9995") and team_state.reserved_usd == Decimal("0.0005")
     assert key_state.counters.inflight == 1
+
+
+async def test_refresh_gauges_sets_the_team_gauges_from_the_store(make_store: StoreFactory) -> None:
+    """A stale gauge (an out-of-order reply, a quiet team) converges on the store's counters."""
+    store = make_store()
+    limits = Limits(budget_usd=Decimal("1"))
+    team = Policy(Subject("team", "acme"), limits)
+    registry = CollectorRegistry()
+    admission = Admission(store, lambda t, k: (limits, None), price, registry=registry)
+    await store.seed_spent(team.subject, "month", T0, Spend(cost_usd=Decimal("0.25")), T0)
+    admission.metrics.budget_remaining.labels("acme").set(123.0)  # stale
+    await admission.refresh_gauges([("acme", limits)], T0)
+    assert registry.get_sample_value("meter_budget_remaining_usd", {"team": "acme"}) == 0.75
+    assert registry.get_sample_value("meter_budget_used_ratio", {"team": "acme"}) == 0.25

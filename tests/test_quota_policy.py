@@ -159,16 +159,30 @@ def info(**payload: Any) -> RequestInfo:
 )
 def test_estimate_reserves_the_prompt_and_the_output_cap(payload: dict[str, Any], completion: int) -> None:
     est = estimate(info(**payload), FlatPrice(), 1000)
-    assert (est.prompt_tokens, est.completion_tokens) == (10, completion)
-    assert est.cost_usd == (10 * Decimal("0.9") + completion * Decimal("2.7")) / 1_000_000
+    # 40 characters = 10 tokens, plus TEMPLATE_TOKENS_PER_MESSAGE for the one chat message
+    assert (est.prompt_tokens, est.completion_tokens) == (18, completion)
+    assert est.cost_usd == (18 * Decimal("0.9") + completion * Decimal("2.7")) / 1_000_000
     assert est.model == "m"
 
 
 def test_estimate_edge_cases() -> None:
     assert estimate(info(max_tokens=5), None, 100).cost_usd == 0  # unpriced: tokens count, dollars not
-    assert estimate(info(max_tokens=5), None, 100).total_tokens == 15
+    assert estimate(info(max_tokens=5), None, 100).total_tokens == 23
     assert estimate(RequestInfo(), FlatPrice(), 100) == Estimate(0, 0, Decimal(0))  # not JSON
     assert estimate(info(), FlatPrice(), 100, endpoint="/v1/embeddings").completion_tokens == 0
+
+
+def test_completions_prompts_get_no_template_tokens() -> None:
+    est = estimate(inspect_request(orjson.dumps({"model": "m", "prompt": "x" * 40})), FlatPrice(), 0)
+    assert est.prompt_tokens == 10
+
+
+def test_spend_rounds_to_the_nearest_micro_usd() -> None:
+    """Reservations round up; settled spend to the nearest, so sums stay unbiased."""
+    assert Spend(cost_usd=Decimal("0.0000054")).cost_micros == 5
+    assert Spend(cost_usd=Decimal("0.0000055")).cost_micros == 6
+    assert Spend(cost_usd=Decimal("0.0000065")).cost_micros == 6  # half to even
+    assert sum(Spend(cost_usd=Decimal("0.0000054")).cost_micros for _ in range(10)) == 50
 
 
 def test_money_rounds_up_to_micro_usd() -> None:

@@ -63,7 +63,9 @@ def test_several_workers_share_one_database_and_one_key_secret(tmp_path: Path) -
     db = tmp_path / "meter.db"
     with simulator_process(tmp_path) as sim:
         # no METER_KEY_SECRET: the workers must agree on the one generated beside the database
-        meter = meter_process(tmp_path, sim.url, f"sqlite:///{db}", "--workers", "2", env={"METER_KEY_SECRET": ""})
+        meter = meter_process(
+            tmp_path, sim.url, f"sqlite:///{db}", "--workers", "2", env={"METER_KEY_SECRET": ""}
+        )
         meter.env.pop("METER_KEY_SECRET")
         with meter:
             for i in range(40):

@@ -17,9 +17,12 @@ Rule 3: money is an integer: price columns hold nano-USD per 1,000,000 tokens (`
 Rule 4: price rows are never updated or deleted: a correction is a new row (same model and
         ``effective_from``; the higher id wins), so ``price_ref = "db:<id>"`` on a usage record
         always names the row that priced it.
+Rule 5: ``limits`` of a team or key is its quota policy as ``meter.quota.policy.Limits.to_dict()``
+        (money as decimal strings); SQL NULL means no limits (written as ``sqlalchemy.null()``, since
+        a Python None would be stored as JSON ``null``; readers treat both alike).
 
-migrations/versions/0003_tenancy_prices_costs.py creates these tables; tests/test_db_migrations.py
-checks they agree.
+migrations/versions/0003_tenancy_prices_costs.py creates these tables (0004_quota_limits.py adds
+``limits``); tests/test_db_migrations.py checks they agree.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ class TeamRow(Base):
     labels: Mapped[dict[str, Any]] = mapped_column(PortableJSON, nullable=False)
     # The name of an upstream credential (Rule 1) virtual keys of this team are forwarded with.
     upstream_credential: Mapped[str | None] = mapped_column(Text)
+    limits: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)  # Rule 5
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), nullable=False)
 
@@ -64,6 +68,7 @@ class ApiKeyRow(Base):
     expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime())
     last_used_at: Mapped[datetime | None] = mapped_column(UtcDateTime())  # coarse: flushed every few s
+    limits: Mapped[dict[str, Any] | None] = mapped_column(PortableJSON)  # Rule 5
 
     __table_args__ = (Index("ix_api_keys_team_id", "team_id"),)
 

@@ -126,24 +126,28 @@ class QuotaMetrics:
             "Team USD budget left in the current period (budget - spent - reserved; negative = overshoot).",
             ["team"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # workers share one store: the latest view wins
         )
         self.budget_used = Gauge(
             "meter_budget_used_ratio",
             "Share of the team's USD budget spent or reserved in the current period.",
             ["team"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # workers share one store: the latest view wins
         )
         self.team_budget = Gauge(
             "meter_team_budget_usd",
             "Team USD budget of the current period (dashboards and alert rules divide spend by it).",
             ["team", "period"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # workers share one store: the latest view wins
         )
         self.team_spend = Gauge(
             "meter_team_spend_usd",
             "Team USD spend settled in the current period, as last seen by this replica.",
             ["team", "period"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # workers share one store: the latest view wins
         )
         self.overshoot = Counter(
             "meter_quota_overshoot_usd",
@@ -156,6 +160,7 @@ class QuotaMetrics:
             "Team rate-limit headroom after the last admission (kind: requests, tokens, concurrency).",
             ["team", "kind"],
             registry=registry,
+            multiprocess_mode="mostrecent",  # workers share one store: the latest view wins
         )
         self.soft = Counter(
             "meter_quota_soft_limit",
@@ -297,6 +302,16 @@ class Admission:
         if key_fp and key_limits is not None:
             policies.append(Policy(Subject("key", key_fp), key_limits))
         return await self.store.status(policies, now) if policies else ()
+
+    async def refresh_gauges(self, teams: list[tuple[str, Limits]], now: datetime) -> None:
+        """Set the team gauges from the store's current counters. Admissions and settles set them as
+        they go, but replies from a shared store can arrive out of order, and a quiet team would keep
+        the last one seen; the runtime calls this every few seconds. Raises StoreUnavailable."""
+        policies = [Policy(Subject("team", team), limits) for team, limits in teams if not limits.is_empty]
+        if not policies:
+            return
+        for state in await self.store.status(policies, now):
+            self._observe(self._label(state.subject.name), (state,), rates=False)
 
     def period_of(self, limits: Limits, now: datetime) -> tuple[datetime, datetime]:
         """The budget period of ``limits`` containing ``now`` (what to sum from the rollups to seed)."""

@@ -65,17 +65,24 @@ _STATE = 11  # numbers per subject state in script replies
 
 
 def connect(
-    url: str, *, timeout: float = 0.1, max_connections: int = 128, pool_timeout: float = 1.0
+    url: str,
+    *,
+    timeout: float = 0.5,
+    max_connections: int = 32,
+    pool_timeout: float = 1.0,
+    connect_timeout: float | None = None,
 ) -> Redis:
     """A client for the store: short socket timeouts, no automatic retries (see the module docstring),
     and a pool that makes a burst wait up to ``pool_timeout`` for a free connection (redis-py's default
-    pool instead fails the 101st concurrent call, which admission would take for Redis being down)."""
+    pool instead fails the 101st concurrent call, which admission would take for Redis being down).
+    Connecting may take longer than a call (``connect_timeout``, default ``max(timeout, 1 s)``): a burst
+    opens many connections at once while the event loop is busy with the requests that caused it."""
     pool = BlockingConnectionPool.from_url(
         url,
         max_connections=max_connections,
         timeout=pool_timeout,
         socket_timeout=timeout,
-        socket_connect_timeout=timeout,
+        socket_connect_timeout=connect_timeout if connect_timeout is not None else max(timeout, 1.0),
         retry=Retry(NoBackoff(), 0),
     )
     return Redis.from_pool(pool)

@@ -94,6 +94,7 @@ class Rejection:
     body: bytes
     headers: Headers
     reason: str
+    message: str  # the body's error message (the usage record's ``error``)
     breach: Breach | None = None
 
 
@@ -180,7 +181,7 @@ def reject(breach: Breach, snapshot: RateSnapshot | None = None, period: str | N
                 (b"retry-after-ms", str(ms).encode()),
             ]
     headers = _finish(body, extra + ratelimit_headers(snapshot))
-    return Rejection(429, body, headers, breach.kind.value, breach)
+    return Rejection(429, body, headers, breach.kind.value, message, breach)
 
 
 UNAVAILABLE_REASON = "store_unavailable"
@@ -189,11 +190,9 @@ UNAVAILABLE_REASON = "store_unavailable"
 def unavailable(subject: Subject | None = None, retry_after_s: int = 1) -> Rejection:
     """Rule 3: the quota store is unreachable and a limit fails closed."""
     who = f" for {subject.describe()}" if subject is not None else ""
-    body = error_body(
-        f"meter cannot check the quota{who} right now (its quota store is unavailable); "
-        "please retry shortly.",
-        "api_error",
-        "quota_unavailable",
+    message = (
+        f"meter cannot check the quota{who} right now (its quota store is unavailable); please retry shortly."
     )
+    body = error_body(message, "api_error", "quota_unavailable")
     headers = _finish(body, [(b"retry-after", str(retry_after_s).encode())])
-    return Rejection(503, body, headers, UNAVAILABLE_REASON)
+    return Rejection(503, body, headers, UNAVAILABLE_REASON, message)

@@ -3,12 +3,17 @@ the background refresher that keeps every replica's caches current.
 
 The composition root builds one :class:`Tenancy`, starts it after the database engine exists and
 stops it before disposing the engine; the proxy calls :meth:`Tenancy.resolve` per request and the
-usage path :meth:`Tenancy.price` per record; the admin API and CLI use :attr:`Tenancy.store`.
+usage path :meth:`Tenancy.price` per record; quota admission calls :meth:`Tenancy.limits` per request
+(its ``PolicyLookup``); the admin API and CLI use :attr:`Tenancy.store`.
 
 Refresh loop (every ``refresh_interval`` seconds): read ``tenancy_state.version``; if it differs from
-the version last loaded, reload keys, teams and prices; then write the key last-use times noted since
-the previous round. An admin write made through this process's store reloads at once (local
-invalidation), so the replica that took the change never serves the old state.
+the version last loaded, reload keys, teams (with their quota limits) and prices; then write the key
+last-use times noted since the previous round. An admin write made through this process's store
+reloads at once (local invalidation), so the replica that took the change never serves the old state.
+After every successful reload (the first included) the reload listeners run, in the order they were
+added (e.g. quota seeding of subjects that just got a budget); a listener that fails is logged and
+never fails the reload. Reloads can overlap (the loop and an admin write), so can listeners: they
+should be idempotent.
 
 Failure policy: see :mod:`meter.tenancy.directory` (fail-closed before the first load, fail-static
 after); every failed refresh is logged and counted in ``meter_key_directory_refresh_errors_total``.
@@ -21,7 +26,7 @@ import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -33,6 +38,7 @@ from meter.billing import UsageView, price_record
 from meter.db.engine import describe_error
 from meter.identity import KeyFingerprinter
 from meter.pricing import PriceRow, default_price_rows
+from meter.quota.policy import Limits, Subject
 from meter.records import Usage, UsageRecord
 from meter.tenancy.credentials import UpstreamCredentials
 from meter.tenancy.directory import KeyDirectory
@@ -123,12 +129,34 @@ class Tenancy:
         self._store: TenancyStore | None = None
         self._version: int | None = None
         self._task: asyncio.Task[None] | None = None
+        self._reload_listeners: list[Callable[[], Awaitable[object]]] = []
 
     # -- request path ----------------------------------------------------------------------------
 
     def resolve(self, key: str | None) -> Resolution:
         """See :meth:`KeyDirectory.resolve`."""
         return self.directory.resolve(key)
+
+    def limits(self, team: str, key_fp: str | None) -> tuple[Limits | None, Limits | None]:
+        """``(team limits, key limits)`` of a request, None where none are set: two dict lookups in
+        memory (meter.quota.admission's ``PolicyLookup``; it runs on every proxied request)."""
+        directory = self.directory
+        return directory.team_limits.get(team), directory.key_limits.get(key_fp)
+
+    def limited_subjects(self) -> list[tuple[Subject, Limits]]:
+        """Every team and key with non-empty limits (keys by fingerprint; revoked keys left out), as
+        last loaded: teams first, by name, then keys by fingerprint."""
+        directory = self.directory
+        teams = sorted((name, limits) for name, limits in directory.team_limits.items() if name)
+        keys = sorted((fp, limits) for fp, limits in directory.key_limits.items() if fp)
+        return [(Subject("team", name), limits) for name, limits in teams] + [
+            (Subject("key", fp), limits) for fp, limits in keys
+        ]
+
+    def add_reload_listener(self, callback: Callable[[], Awaitable[object]]) -> None:
+        """Run ``await callback()`` after every successful reload (module doc). Add it before
+        :meth:`start` to see the first load."""
+        self._reload_listeners.append(callback)
 
     def cost(
         self, started_at: datetime, requested_model: str | None, response_model: str | None, usage: Usage
@@ -200,6 +228,13 @@ class Tenancy:
             await self.directory.load(conn)
             await self.prices.load(conn)
         self._version = version
+        if self.directory.unreadable_limits and self.metrics is not None:
+            self.metrics.refresh_errors.inc(self.directory.unreadable_limits)
+        for callback in list(self._reload_listeners):
+            try:
+                await callback()
+            except Exception:
+                log.exception("a tenancy reload listener failed (the reload itself succeeded)")
 
     async def _reload_after_write(self) -> None:
         # The write is committed: a failed reload must not turn it into an error; the loop catches up.

@@ -10,6 +10,9 @@ Rule 3: history is not rewritten: usage records carry the team *name* they were 
         from now on.
 Rule 4: errors are meter errors: 400 for invalid input, 404 for a missing team or key, 409 for a taken
         name or key and for deleting a team that still has active keys (unless forced).
+Rule 5: quota limits are stored whole (``Limits.to_dict()``; NULL when none): setting them replaces the
+        previous set, and the audit detail is the new set (``{}`` when cleared). Setting the same
+        limits again changes, audits and bumps nothing.
 
 Failure policy: database errors propagate; an admin action either happened completely or not at all.
 """
@@ -18,20 +21,25 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import logging
 from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, null, or_, select, update
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from meter.db.tenancy_models import api_keys, audit_log, teams, tenancy_state
 from meter.errors import RequestError
 from meter.identity import KeyFingerprinter
+from meter.quota.policy import Limits
 from meter.tenancy.errors import Conflict, NotFound
 from meter.tenancy.keys import KeyKind, check_labels, check_team_name, is_virtual, new_virtual_key
+
+log = logging.getLogger("meter.tenancy")
 
 Clock = Callable[[], datetime]
 _HEX64 = frozenset("0123456789abcdef")
@@ -63,6 +71,7 @@ class Team:
     upstream_credential: str | None
     created_at: datetime
     updated_at: datetime
+    limits: Limits | None = None  # quota limits (Rule 5)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -71,6 +80,7 @@ class Team:
             "description": self.description,
             "labels": dict(self.labels),
             "upstream_credential": self.upstream_credential,
+            "limits": limits_json(self.limits),
             "created_at": self.created_at.isoformat(),
             "updated_at": self.updated_at.isoformat(),
         }
@@ -88,6 +98,7 @@ class KeyInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     last_used_at: datetime | None
+    limits: Limits | None = None  # quota limits (Rule 5)
 
     def status(self, now: datetime) -> str:
         if self.revoked_at is not None:
@@ -113,6 +124,7 @@ class KeyInfo:
             "expires_at": iso(self.expires_at),
             "revoked_at": iso(self.revoked_at),
             "last_used_at": iso(self.last_used_at),
+            "limits": limits_json(self.limits),
         }
 
 
@@ -165,6 +177,64 @@ async def record_change(
         )
 
 
+def limits_json(limits: Limits | None) -> dict[str, Any] | None:
+    """How limits are stored and shown: ``Limits.to_dict()`` (money as strings), None for none."""
+    return None if limits is None else limits.to_dict()
+
+
+def stored_limits(value: Any, subject: str = "") -> Limits | None:
+    """The limits a ``limits`` column holds (SQL NULL and JSON null alike mean none). A value this
+    version cannot read (e.g. written by a newer meter) is logged and shown as None, so the team or
+    key stays manageable; the directory keeps enforcing what it last read (meter.tenancy.directory)."""
+    if value is None:
+        return None
+    try:
+        return Limits.from_dict(value)
+    except (ValueError, TypeError) as exc:
+        log.warning("cannot read the stored quota limits of %s (%s); shown as none", subject, exc)
+        return None
+
+
+def parse_limits(data: Any) -> Limits:
+    """``data`` (a mapping of Limits fields, e.g. an admin API body) as validated :class:`Limits`;
+    RequestError (400) with Limits.from_dict's message naming the offending field otherwise."""
+    if isinstance(data, Limits):
+        return data
+    if not isinstance(data, Mapping):
+        raise RequestError("limits must be an object of limit fields", param="limits")
+    try:
+        limits = Limits.from_dict(data)
+    except ValueError as exc:
+        message = str(exc)
+        unknown = sorted(str(name) for name in data if name not in _LIMIT_FIELDS)
+        param = (
+            unknown[0]
+            if unknown
+            else next((name for name in _LIMIT_FIELDS if message.startswith(name + " ")), "limits")
+        )
+        raise RequestError(message, param=param) from None
+    for name, value in zip(_RANKED_FIELDS, limits.by_rank, strict=True):
+        if value is not None and value > MAX_LIMIT:
+            largest = Decimal(MAX_LIMIT) / 1_000_000 if name == "budget_usd" else MAX_LIMIT
+            raise RequestError(f"{name} must be at most {largest}", param=name)
+    return limits
+
+
+_LIMIT_FIELDS = tuple(Limits().to_dict())
+# Limits.by_rank order (the USD budget in micro-USD). Redis scripts count in Lua numbers (doubles),
+# exact up to 2**53: larger limits would not be enforced exactly.
+_RANKED_FIELDS = (
+    "budget_usd",
+    "tokens_budget",
+    "prompt_tokens_budget",
+    "completion_tokens_budget",
+    "rpm",
+    "tpm",
+    "max_concurrent",
+)
+MAX_LIMIT = 2**53 - 1
+
+
 async def current_version(conn: AsyncConnection) -> int:
     version = (await conn.execute(select(tenancy_state.c.version).where(tenancy_state.c.id == 1))).scalar()
     return int(version or 0)
@@ -183,6 +253,7 @@ def _key_columns() -> list[Any]:
         k.expires_at,
         k.revoked_at,
         k.last_used_at,
+        k.limits,
     ]
 
 
@@ -199,6 +270,7 @@ def _key_info(row: Any) -> KeyInfo:
         expires_at=m["expires_at"],
         revoked_at=m["revoked_at"],
         last_used_at=m["last_used_at"],
+        limits=stored_limits(m["limits"], f"key {m['id']}"),
     )
 
 
@@ -212,6 +284,7 @@ def _team(row: Any) -> Team:
         upstream_credential=m["upstream_credential"],
         created_at=m["created_at"],
         updated_at=m["updated_at"],
+        limits=stored_limits(m["limits"], f"team {m['name']}"),
     )
 
 
@@ -565,6 +638,54 @@ class TenancyStore:
                     .where(and_(k.id == key_id, or_(k.last_used_at.is_(None), k.last_used_at < at)))
                     .values(last_used_at=at)
                 )
+
+    # -- quota limits (Rule 5) ------------------------------------------------------------------
+
+    async def set_team_limits(
+        self, name: str, limits: Limits | Mapping[str, Any] | None, *, actor: str
+    ) -> Team:
+        """Replace team ``name``'s quota limits (None clears them); returns the team."""
+        stored = None if limits is None else parse_limits(limits).to_dict()
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            team = await self._team_in(conn, name)
+            changed = limits_json(team.limits) != stored
+            if changed:
+                await conn.execute(
+                    update(teams)
+                    .where(teams.c.id == team.id)
+                    .values(limits=null() if stored is None else stored, updated_at=now)
+                )
+                await record_change(conn, now, actor, "team.limits", f"team:{name}", stored or {})
+        if changed:
+            await self._changed()
+        return await self.get_team(name)
+
+    async def get_team_limits(self, name: str) -> Limits | None:
+        return (await self.get_team(name)).limits
+
+    async def set_key_limits(
+        self, key_id: int, limits: Limits | Mapping[str, Any] | None, *, actor: str
+    ) -> KeyInfo:
+        """Replace key ``key_id``'s quota limits (None clears them); returns the key."""
+        stored = None if limits is None else parse_limits(limits).to_dict()
+        now = self.clock()
+        async with self.engine.begin() as conn:
+            info = await self._key_in(conn, key_id)
+            changed = limits_json(info.limits) != stored
+            if changed:
+                await conn.execute(
+                    update(api_keys)
+                    .where(api_keys.c.id == key_id)
+                    .values(limits=null() if stored is None else stored, updated_at=now)
+                )
+                await record_change(conn, now, actor, "key.limits", f"key:{key_id}", stored or {})
+        if changed:
+            await self._changed()
+        return await self.get_key(key_id)
+
+    async def get_key_limits(self, key_id: int) -> Limits | None:
+        return (await self.get_key(key_id)).limits
 
     # -- prices ---------------------------------------------------------------------------------
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -69,10 +70,8 @@ class Process:
     def kill(self) -> None:
         if self.proc is None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.proc.pid, signal.SIGKILL)  # the server and any workers it spawned
-        except ProcessLookupError:
-            pass
         if self.proc.poll() is None:
             self.proc.wait(10)
 
