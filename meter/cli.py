@@ -146,6 +146,8 @@ def _run_server(settings: Settings) -> None:
         log_config=None,  # uvicorn's own lines go through meter's handler (JSON or text)
         server_header=False,  # the upstream's own Server and Date headers pass through instead
         date_header=False,
+        # meter never reads the client address; uvicorn's X-Forwarded-* middleware cost ~3% of a core
+        proxy_headers=False,
         timeout_graceful_shutdown=int(settings.shutdown_grace),
         log_level=settings.log_level,
         backlog=4096,

@@ -11,7 +11,7 @@ Pure: bytes in, bytes out.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 HOP_BY_HOP = frozenset(
     {
@@ -61,3 +61,26 @@ def override_headers(
     replacements: meter's own ``x-ratelimit-*`` for a key it limits, instead of the upstream's."""
     names = {name for name, _ in replacements}
     return [(n, v) for n, v in headers if n.lower() not in names] + replacements
+
+
+def split_response_headers(
+    headers: Sequence[tuple[bytes, bytes]],
+) -> tuple[dict[str, str], list[tuple[bytes, bytes]]]:
+    """One pass over the upstream's response headers: ``(end-to-end headers by lower-case name, for
+    the observer; the headers to send the client)``, equal to :func:`client_response_headers` and
+    what a dict of every header would say for all but hop-by-hop names."""
+    by_name: dict[str, str] = {}
+    out: list[tuple[bytes, bytes]] = []
+    connection = False
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP:
+            connection = connection or lowered == b"connection"
+            continue
+        by_name[lowered.decode("latin-1")] = value.decode("latin-1")
+        out.append((name, value))
+    if connection:  # rare: names the Connection header lists are hop-by-hop too
+        out = client_response_headers(headers)
+        kept = {name.lower().decode("latin-1") for name, _ in out}
+        by_name = {name: value for name, value in by_name.items() if name in kept}
+    return by_name, out

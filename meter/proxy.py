@@ -38,7 +38,7 @@ from typing import Any, Protocol
 
 from meter.errors import MeterError, RequestTooLarge, UpstreamError
 from meter.forward import Upstream, UpstreamResponse
-from meter.headers import client_response_headers, override_headers, upstream_request_headers
+from meter.headers import override_headers, split_response_headers, upstream_request_headers
 from meter.identity import KeyFingerprinter, bearer_token
 from meter.observe import Observation, ResponseObserver
 from meter.records import Outcome, Usage, UsageRecord, UsageSource, new_event_id
@@ -333,9 +333,7 @@ class Proxy:
                 x.status = CLIENT_CLOSED_REQUEST
 
     async def _relay(self, response: UpstreamResponse, send: Send, x: _Exchange) -> None:
-        lowered = {
-            name.decode("latin-1").lower(): value.decode("latin-1") for name, value in response.headers
-        }
+        lowered, client_headers = split_response_headers(response.headers)
         observer = ResponseObserver(
             x.endpoint,
             status_code=response.status,
@@ -353,9 +351,9 @@ class Proxy:
                     "type": "http.response.start",
                     "status": response.status,
                     "headers": (
-                        client_response_headers(response.headers)
+                        client_headers
                         if x.quota_headers is None
-                        else override_headers(client_response_headers(response.headers), x.quota_headers)
+                        else override_headers(client_headers, x.quota_headers)
                     ),
                 }
             )
