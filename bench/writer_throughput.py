@@ -3,7 +3,9 @@
 Fills a fresh journal with N synthetic records (200 keys in 5 teams, 5 models, 2 endpoints, one
 record every 50 ms of event time), then times one :class:`~meter.pipeline.Pipeline` draining it into a
 freshly created and migrated database, hourly rollup included. Prints the append rate (the request
-path's cost) and the drain rate in events per second.
+path's cost), the drain rate in events per second, and the process CPU the drain took per event: in
+all threads (SQLite works in aiosqlite's thread, mostly without the GIL) and on the event loop's
+thread alone (what a proxy sharing the process loses to its writer).
 
     .venv/bin/python bench/writer_throughput.py                     # PostgreSQL and SQLite
     .venv/bin/python bench/writer_throughput.py --events 500000 --backend postgres
@@ -118,9 +120,11 @@ async def run(backend: str, records: list[UsageRecord], batch_size: int, concurr
                 journal, engine, registry=CollectorRegistry(), batch_size=batch_size, concurrency=concurrency
             )
             started = time.perf_counter()
+            cpu, loop_cpu = time.process_time(), time.thread_time()
             await pipeline.start()
             assert await pipeline.flush(timeout=600)
             drain_s = time.perf_counter() - started
+            cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
             await pipeline.stop(timeout=10)
             async with engine.connect() as conn:
                 rows = (await conn.execute(select(func.count()).select_from(usage_events))).scalar_one()
@@ -131,7 +135,9 @@ async def run(backend: str, records: list[UsageRecord], batch_size: int, concurr
                 f"{backend:>10}: {len(records):,} events, "
                 f"batch {batch_size} x{pipeline.concurrency} in flight: "
                 f"append {len(records) / append_s:,.0f}/s ({append_s * 1e6 / len(records):.1f} µs each), "
-                f"drain to database {len(records) / drain_s:,.0f} events/s ({drain_s:.2f}s)"
+                f"drain to database {len(records) / drain_s:,.0f} events/s ({drain_s:.2f}s), "
+                f"CPU {cpu * 1e6 / len(records):.1f} µs/event "
+                f"({loop_cpu * 1e6 / len(records):.1f} on the event loop)"
             )
         finally:
             if backend == "postgresql":

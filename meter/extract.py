@@ -1,7 +1,9 @@
 """Usage extraction: what OpenAI-compatible endpoints say about tokens, ids, models and errors.
 
 Pure functions and one accumulator, fed already-parsed JSON values (dicts from ``orjson.loads``) and
-header mappings; nothing here does I/O or knows about the transport.
+header mappings; nothing here does I/O or knows about the transport. :func:`chunk_template` and
+:func:`delta_template` describe a stream event by its JSON text, for the observer's fast path; they
+mirror :meth:`ResponseFacts.add_chunk` / :meth:`ResponseFacts.add_event` and must change with them.
 
 Rule 1: "not reported" is not zero. A field the upstream did not send, or sent as garbage (a string, a
         float, a bool, a negative number), is ``None``.
@@ -20,18 +22,24 @@ from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from math import isfinite
+from typing import Any, NamedTuple, TypeVar
+
+import orjson
 
 from meter.records import Usage
 
 __all__ = [
+    "ChunkTemplate",
     "Endpoint",
     "FireworksHeaders",
     "FireworksMetrics",
     "ResponseFacts",
     "chars_to_tokens",
+    "chunk_template",
+    "delta_template",
     "endpoint_of",
     "error_message",
     "estimate_prompt_tokens",
@@ -182,24 +190,54 @@ _NO_METRICS = FireworksMetrics()
 _PREFIX = "fireworks-"
 
 
-def _metrics(items: Iterable[tuple[str, object]]) -> FireworksMetrics:
-    prompt = cached = None
-    ttft = processing = None
+# The metrics FireworksMetrics names, by their position in _metrics' list; any other goes to ``other``.
+_NAMED = {
+    "prompt-tokens": 0,
+    "cached-prompt-tokens": 1,
+    "server-time-to-first-token": 2,
+    "server-processing-time": 3,
+}
+# ASCII characters no string float() accepts can start with (it takes whitespace, a sign, a digit, a
+# point, "inf"/"infinity"/"nan"): such a value is skipped without the cost of float() raising.
+_NOT_A_NUMBER_START = frozenset(chr(c) for c in range(128)) - frozenset(
+    "0123456789+-.iInN" + "".join(chr(c) for c in range(128) if chr(c).isspace())
+)
+
+
+def _metrics(items: Iterable[tuple[str, object]], prefixed: bool = False) -> FireworksMetrics:
+    """``items``: (name, value) pairs; ``prefixed``: only names starting ``fireworks-`` count, and
+    without it. Runs for every response (the headers), so the common case is inlined."""
+    named: list[float | None] | None = None
     other: dict[str, float] = {}
+    cut = len(_PREFIX)
     for name, raw in items:
-        value = _number(raw)
-        if value is None:
-            continue
-        if name == "prompt-tokens":
-            prompt = _whole(value)
-        elif name == "cached-prompt-tokens":
-            cached = _whole(value)
-        elif name == "server-time-to-first-token":
-            ttft = value
-        elif name == "server-processing-time":
-            processing = value
+        if prefixed:
+            if not name.startswith(_PREFIX):
+                continue
+            name = name[cut:]
+        if type(raw) is str:
+            if raw[:1] in _NOT_A_NUMBER_START:
+                continue
+            try:
+                value: float | None = float(raw)
+            except ValueError:
+                continue
         else:
+            value = _number(raw)
+        if value is None or not isfinite(value):
+            continue
+        slot = _NAMED.get(name)
+        if slot is None:
             other[name] = value
+        elif named is None:
+            named = [None, None, None, None]
+            named[slot] = value
+        else:
+            named[slot] = value
+    if named is None:
+        return FireworksMetrics(other=other) if other else _NO_METRICS
+    prompt, cached = _whole(named[0]), _whole(named[1])
+    ttft, processing = named[2], named[3]
     if prompt is None and cached is None and ttft is None and processing is None and not other:
         return _NO_METRICS
     return FireworksMetrics(prompt, cached, ttft, processing, other)
@@ -207,8 +245,7 @@ def _metrics(items: Iterable[tuple[str, object]]) -> FireworksMetrics:
 
 def fireworks_metrics(headers: Mapping[str, str]) -> FireworksMetrics:
     """Numeric ``fireworks-*`` headers (names already lower-cased); non-numeric values are ignored."""
-    prefixed = ((name[len(_PREFIX) :], value) for name, value in headers.items() if name.startswith(_PREFIX))
-    return _metrics(prefixed)
+    return _metrics(headers.items(), prefixed=True)
 
 
 def perf_metrics(obj: object) -> FireworksMetrics:
@@ -480,6 +517,147 @@ def _output_chars(output: object) -> int:
             if type(parts) is list:
                 n += _parts_chars(parts)
     return n
+
+
+# --- chunk templates: a stream's repeated chunk, read without decoding ------------------------------
+
+
+class ChunkTemplate(NamedTuple):  # a NamedTuple: made once a stream, on the hot path, and cheap
+    """A stream event that carried nothing but generated text, as its JSON text around that text's
+    string literal (and around a sequence number, if it has one): ``head + <string> + tail``, or
+    ``head + <integer> + middle + <string> + tail``.
+
+    Any JSON text of that form, for any string literal and integer, has the template event's
+    structure with only those two values changed: each is one lexical token, so the text around it
+    parses as before. :class:`ResponseFacts` would therefore do exactly one thing with such an event:
+    count ``base + len(string)`` content characters. A token stream is such events nearly all the way
+    (same id, model and created time, one token of text each), which lets the observer count them
+    without decoding them (meter.observe). ``base``: characters the event's fixed text fields carry
+    (usually 0)."""
+
+    head: bytes
+    middle: bytes | None  # None: no integer hole
+    tail: bytes
+    base: int
+
+
+# Hole values for the check that a template's split is right: unlike any real value, with escapes.
+_PROBE_TEXT = '\u2603 probe \\" \u00e9'
+_PROBE_LITERAL = orjson.dumps(_PROBE_TEXT).decode()
+_PROBE_NUMBER = 987_654_321
+_PROBE_DIGITS = str(_PROBE_NUMBER)
+
+
+def chunk_template(data: str, obj: object) -> ChunkTemplate | None:
+    """The template of a chat/completions ``data:`` payload ``data`` that decoded to ``obj``, or None
+    unless :meth:`ResponseFacts.add_chunk` would only count its content: one choice, no usage,
+    error, perf_metrics or finish_reason, text in ``delta.content`` or ``delta.reasoning_content``
+    (chat) or ``text`` (completions)."""
+    if type(obj) is not dict or obj.get("usage") is not None or obj.get("perf_metrics") is not None:
+        return None
+    choices = obj.get("choices")
+    if "error" in obj or type(choices) is not list or len(choices) != 1:
+        return None
+    choice = choices[0]
+    if type(choice) is not dict or choice.get("finish_reason") is not None:
+        return None
+    delta = choice.get("delta")
+    if type(delta) is dict:
+        key = "content" if type(delta.get("content")) is str else "reasoning_content"
+        return _template(data, obj, lambda o: o["choices"][0]["delta"], key, _message_chars(delta))
+    return _template(data, obj, lambda o: o["choices"][0], "text", _text_len(choice.get("text")))
+
+
+def delta_template(data: str, obj: object) -> ChunkTemplate | None:
+    """The template of a Responses API ``*.delta`` event's payload (its ``sequence_number`` a hole
+    too), or None unless :meth:`ResponseFacts.add_event` would only count its ``delta`` text."""
+    if type(obj) is not dict:
+        return None
+    kind = obj.get("type")
+    if type(kind) is not str or not kind.endswith(".delta") or kind == "response.audio.delta":
+        return None
+    return _template(data, obj, lambda o: o, "delta", _text_len(obj.get("delta")), "sequence_number")
+
+
+def _template(
+    data: str,
+    obj: dict[str, Any],
+    holder: Callable[[Any], Any],
+    key: str,
+    chars: int,
+    number_key: str | None = None,
+) -> ChunkTemplate | None:
+    """Split ``data`` around the string literal of ``holder(obj)[key]`` (and the integer of
+    ``obj[number_key]`` before it, if there is one), and verify the split by parsing it with other
+    values in the holes."""
+    value = holder(obj).get(key)
+    if type(value) is not str:
+        return None
+    text = _token_after(data, f'"{key}":', _string_end)
+    if text is None:
+        return None
+    number = None
+    if number_key is not None and type(obj.get(number_key)) is int:
+        number = _token_after(data, f'"{number_key}":', _digits_end)
+        if number is not None and number[1] > text[0]:
+            number = None  # after the text: not supported, the number stays fixed
+    probe = data[: text[0]] + _PROBE_LITERAL + data[text[1] :]
+    if number is not None:
+        probe = probe[: number[0]] + _PROBE_DIGITS + probe[number[1] :]
+    try:
+        parsed = orjson.loads(probe)
+        if holder(parsed)[key] != _PROBE_TEXT:
+            return None
+        holder(parsed)[key] = value
+        if number is not None and number_key is not None:
+            if parsed[number_key] != _PROBE_NUMBER:
+                return None
+            parsed[number_key] = obj[number_key]
+    except (orjson.JSONDecodeError, LookupError, TypeError):
+        return None
+    if parsed != obj:
+        return None
+    base = chars - len(value)
+    if number is None:
+        return ChunkTemplate(data[: text[0]].encode(), None, data[text[1] :].encode(), base)
+    return ChunkTemplate(
+        data[: number[0]].encode(), data[number[1] : text[0]].encode(), data[text[1] :].encode(), base
+    )
+
+
+def _token_after(text: str, key: str, end_of: Callable[[str, int], int | None]) -> tuple[int, int] | None:
+    """(start, end) of the value token after ``key`` (a quoted key and colon that occurs exactly once
+    in ``text``); ``end_of(text, start)`` finds where the token ends."""
+    start = text.find(key)
+    if start < 0 or text.find(key, start + 1) >= 0:
+        return None
+    start += len(key)
+    while text[start : start + 1] in (" ", "\t"):
+        start += 1
+    end = end_of(text, start)
+    return None if end is None else (start, end)
+
+
+def _string_end(text: str, start: int) -> int | None:
+    if text[start : start + 1] != '"':
+        return None
+    end = start
+    while True:
+        end = text.find('"', end + 1)
+        if end < 0:
+            return None
+        if text[end - 1] != "\\":
+            return end + 1
+        escapes = len(text[start + 1 : end]) - len(text[start + 1 : end].rstrip("\\"))
+        if escapes % 2 == 0:  # an escaped backslash, not an escaped quote: the literal ends here
+            return end + 1
+
+
+def _digits_end(text: str, start: int) -> int | None:
+    end = start
+    while text[end : end + 1].isdigit() and text[end].isascii():
+        end += 1
+    return end if end > start else None
 
 
 # --- request-side estimate ---------------------------------------------------------------------------

@@ -30,6 +30,16 @@ Rule 5: ``first_content_at`` is the ``now`` of the first ``feed`` whose chunk co
 
 Cost per streamed chunk: one scan of the new bytes for line ends, one ``orjson.loads`` per ``data:``
 payload, a few dict lookups. Buffered data is never re-scanned.
+
+Fast path (templates): after a content chunk has been decoded the long way, the observer learns its
+shape (:class:`~meter.extract.ChunkTemplate`: the bytes around its text, and around a Responses
+event's sequence number). A later chunk that is one or more whole events of that shape, arriving at
+an event boundary, is counted by checking its fixed bytes and reading only its text's string literal:
+a token stream's chunks are nearly all like that (same id, model and created time, one token of text).
+Decoding such a chunk would only have added its text to ``content_chars``, so the Observation is the
+same either way; a chunk that differs in any byte outside the holes, or that splits an event, takes
+the long way (tests/test_observe_fastpath.py compares both on the recorded fixtures and random
+splits). Learning costs one extra parse; a stream learns at most three times.
 """
 
 from __future__ import annotations
@@ -46,6 +56,8 @@ from meter.extract import (
     Endpoint,
     ResponseFacts,
     chars_to_tokens,
+    chunk_template,
+    delta_template,
     endpoint_of,
     fireworks_metrics,
     first_known,
@@ -56,6 +68,7 @@ from meter.sse import SSEDecoder, SSEEvent
 __all__ = ["Observation", "ResponseObserver"]
 
 _INFLATE_STEP = 1 << 20  # inflate at most this much per call, so a small "zip bomb" chunk cannot balloon
+_TEMPLATE_TRIES = 3  # templates learnt per stream at most (a stream whose chunks all differ stops trying)
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,38 @@ class Observation:
     streamed: bool = False
 
 
+# A learnt template (meter.extract.ChunkTemplate) with its SSE framing, as (prefix, middle, suffix,
+# base, suffix + blank line): an event of its shape is ``prefix + contents + suffix``, or ``prefix +
+# digits + middle + contents + suffix``, where ``contents`` is a string literal's inside: prefix (or
+# middle) ends with its opening quote, suffix starts with its closing one.
+_Template = tuple[bytes, bytes | None, bytes, int, bytes]
+
+
+def _block_chars(data: bytes, start: int, stop: int, template: _Template) -> int | None:
+    """The content characters of the event ``data[start:stop]`` (its lines without the blank line
+    ending it) if it has the template's shape, else None.
+
+    Exact: the bytes between the quotes are taken only if orjson reads quote + them + quote as a JSON
+    string, so they hold no unescaped quote and no raw line break; the event is then one ``data:``
+    line (after the template's ``event:`` line, if it has one) whose JSON differs from the template
+    event's only in that string (and the integer)."""
+    prefix, middle, suffix, base, _ = template
+    if not (data.startswith(prefix, start, stop) and data.endswith(suffix, start, stop)):
+        return None
+    begin = start + len(prefix)
+    if middle is not None:
+        found = data.find(middle, begin, stop)
+        digits = data[begin:found]
+        if found < 0 or not digits.isdigit() or len(digits) > 18 or (digits[0] == 0x30 and len(digits) > 1):
+            return None  # not a plain JSON integer, read as the template's was
+        begin = found + len(middle)
+    try:
+        value = orjson.loads(data[begin - 1 : stop - len(suffix) + 1])
+    except orjson.JSONDecodeError:
+        return None
+    return base + len(value)
+
+
 class _Mode(enum.Enum):
     SSE = "sse"
     BODY = "body"
@@ -93,6 +138,8 @@ def _mode_of(content_type: str) -> _Mode:
 
 def _inflater(content_encoding: str) -> tuple[bool, zlib._Decompress | None, bool]:
     """(understood, decompressor or None for identity, is_deflate)."""
+    if not content_encoding:
+        return True, None, False
     codings = [c for c in (part.strip() for part in content_encoding.lower().split(",")) if c]
     codings = [c for c in codings if c != "identity"]
     if not codings:
@@ -108,6 +155,7 @@ class ResponseObserver:
     """Accumulates one response; see the module docstring for the rules."""
 
     __slots__ = (
+        "_at_boundary",
         "_body",
         "_body_len",
         "_decoder",
@@ -126,6 +174,8 @@ class ResponseObserver:
         "_responses_stream",
         "_status_code",
         "_streamed",
+        "_template",
+        "_template_tries",
     )
 
     def __init__(
@@ -158,6 +208,9 @@ class ResponseObserver:
         self._mode = _mode_of(content_type)
         self._streamed = self._mode is _Mode.SSE
         self._responses_stream = self._endpoint is Endpoint.RESPONSES
+        self._template: _Template | None = None  # see _take
+        self._at_boundary = False  # the decoder is at an event boundary (SSEDecoder.at_boundary)
+        self._template_tries = _TEMPLATE_TRIES if self._FAST else 0
         if self._streamed:
             self._decoder = SSEDecoder()
         try:
@@ -169,6 +222,8 @@ class ResponseObserver:
         self._inflater = inflater
         if deflate:
             self._deflate_head = bytearray()
+
+    _FAST = True  # class switch for tests that compare the fast paths with the general ones
 
     # --- feeding ------------------------------------------------------------------------------
 
@@ -189,8 +244,35 @@ class ResponseObserver:
         """Decoded (inflated) body bytes."""
         decoder = self._decoder
         if decoder is not None:
-            events = decoder.feed(data)
-            if events and self._events(events) and self._first_content_at is None:
+            chars = 0
+            template = self._template
+            if template is not None and self._at_boundary:
+                # The common case first, inline: the chunk is one event of the template's shape.
+                prefix, middle, _, base, suffix = template
+                if middle is None and data.startswith(prefix) and data.endswith(suffix):
+                    try:
+                        value = orjson.loads(data[len(prefix) - 1 : len(data) - len(suffix) + 1])
+                    except orjson.JSONDecodeError:
+                        pass
+                    else:
+                        chars = base + len(value)  # a string: see _block_chars
+                        self._facts.content_chars += chars
+                        if chars and self._first_content_at is None:
+                            self._first_content_at = now
+                        return
+                if data[-2:] == b"\n\n" and data.startswith(prefix):  # several events, the first alike
+                    chars, used = self._templated(data, template)
+                    if used:
+                        self._facts.content_chars += chars
+                        data = data[used:]
+            if data == b"data: [DONE]\n\n" and self._at_boundary:
+                data = b""  # one event that says nothing (and leaves the decoder as it is)
+            if data:
+                events = decoder.feed(data)
+                self._at_boundary = self._FAST and decoder.at_boundary
+                if events:
+                    chars += self._events(events)
+            if chars and self._first_content_at is None:
                 self._first_content_at = now
             if decoder.buffered_bytes > self._max_body_bytes:  # a "line" that never ends
                 self._stop("body_too_large")
@@ -200,6 +282,40 @@ class ResponseObserver:
                 self._stop("body_too_large")
             else:
                 self._body.append(data)
+
+    def _templated(self, data: bytes, template: _Template) -> tuple[int, int]:
+        """(content characters, bytes used) of the leading events of ``data`` that have the learnt
+        template's shape; each would only have counted its text and left the decoder at an event
+        boundary. ``data`` starts at a boundary and ends with a blank line."""
+        chars = used = 0
+        while used < len(data):
+            stop = data.find(b"\n\n", used)
+            n = _block_chars(data, used, stop, template)
+            if n is None:
+                break
+            chars += n
+            used = stop + 2
+        return chars, used
+
+    def _learn(self, name: str | None, data: str, obj: object, responses: bool) -> None:
+        """Learn a template from a content event that came the long way, unless the one we have would
+        have taken it (it came split, say) or the event is not one line."""
+        if "\n" in data:
+            return
+        frame = b"data: " if name is None else b"event: " + name.encode() + b"\ndata: "
+        block = frame + data.encode()
+        if self._template is not None and _block_chars(block, 0, len(block), self._template) is not None:
+            return
+        learnt = delta_template(data, obj) if responses else chunk_template(data, obj)
+        if learnt is None:
+            return
+        self._template_tries -= 1
+        suffix = b'"' + learnt.tail
+        if learnt.middle is None:
+            self._template = (frame + learnt.head + b'"', None, suffix, learnt.base, suffix + b"\n\n")
+        else:
+            middle = learnt.middle + b'"'
+            self._template = (frame + learnt.head, middle, suffix, learnt.base, suffix + b"\n\n")
 
     def _events(self, events: list[SSEEvent]) -> int:
         """Apply decoded events; returns the content chars they carried."""
@@ -220,16 +336,22 @@ class ResponseObserver:
                 continue
             name = event.event
             if responses:
-                chars += facts.add_event(name, obj)
+                n = facts.add_event(name, obj)
+                if n and self._template_tries:  # a text delta: its successors may be alike
+                    self._learn(name, data, obj, True)
             elif name is None or name == "message":
                 if self._endpoint is Endpoint.OTHER and "type" in obj and "choices" not in obj:
                     # An unrecognised path streaming Responses-style events: read it as one.
                     self._responses_stream = responses = True
-                    chars += facts.add_event(name, obj)
+                    self._template = None  # a chat chunk's template means nothing there
+                    n = facts.add_event(name, obj)
                 else:
-                    chars += facts.add_chunk(obj)
+                    n = facts.add_chunk(obj)
+                    if n and name is None and self._template_tries:  # its successors may be alike
+                        self._learn(None, data, obj, False)
             else:  # a named event ("error", ...) in a chat stream
-                chars += facts.add_event(name, obj)
+                n = facts.add_event(name, obj)
+            chars += n
         return chars
 
     def _inflate(self, chunk: bytes, now: float | None) -> None:

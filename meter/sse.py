@@ -19,6 +19,12 @@ Rule 5 (deliberate deviation): the spec discards an event left pending at end of
 
 Only the new bytes of each chunk are scanned for line endings (``bytes.find``/``split``, no per-byte
 Python loop), so feeding one byte at a time costs O(n) overall, not O(n^2).
+
+Fast path: an LLM stream's chunk is nearly always one whole ``data: {...}\n\n`` event with nothing
+pending before it (:attr:`SSEDecoder.at_boundary`); such a chunk becomes its event directly. Anything
+else (CR, other fields, several lines, a partial line, the stream's start) takes the general
+line-by-line path. Both give the same events (tests/test_observe_fastpath.py compares them on every
+fixture, split at random).
 """
 
 from __future__ import annotations
@@ -59,7 +65,28 @@ class SSEDecoder:
         """Bytes held for an unterminated line (lets a caller bound memory against a line without end)."""
         return self._partial_len
 
+    _FAST = True  # class switch: tests compare the fast path with the general one
+
+    @property
+    def at_boundary(self) -> bool:
+        """Nothing pending and the stream's start decided: the next byte begins a new line of a new
+        event, so a chunk ``data: X\n\n`` (X without CR or LF) is exactly one event with data X."""
+        return not (self._partial or self._data or self._at_start or self._skip_lf) and self._event is None
+
     def feed(self, data: bytes) -> list[SSEEvent]:
+        if (
+            data[-2:] == b"\n\n"
+            and data[:6] == b"data: "
+            and data.count(b"\n") == 2
+            and b"\r" not in data
+            and self.at_boundary
+            and self._FAST
+        ):
+            return [SSEEvent(data[6:-2].decode("utf-8", "replace"), None, self._last_id)]
+        return self._feed_lines(data)
+
+    def _feed_lines(self, data: bytes) -> list[SSEEvent]:
+        """The general path: any bytes, any state."""
         if self._at_start:
             data = self._strip_bom(data)
         if self._skip_lf and data:

@@ -314,10 +314,19 @@ def test_replicas_behind_the_balancer_lose_nothing_when_one_is_killed(topology: 
     wait_for(
         lambda: len(topology.query('up{job="meter"} == 1')) == REPLICAS, 20, "every replica up in Prometheus"
     )
-    scraped = {s["metric"]["instance"]: float(s["value"][1]) for s in topology.query(
-        'sum by (instance) (meter_requests_total{job="meter"})'
-    )}  # fmt: skip
-    assert set(scraped) == set(replicas) and all(v > 0 for v in scraped.values()), scraped
+
+    # The restarted replica's counters exist only once it has served a request: wait for a scrape
+    # that came after that rather than reading whichever scrape is the latest now.
+    def scraped() -> dict[str, float]:
+        return {s["metric"]["instance"]: float(s["value"][1]) for s in topology.query(
+            'sum by (instance) (meter_requests_total{job="meter"})'
+        )}  # fmt: skip
+
+    try:
+        wait_for(lambda: set(scraped()) == set(replicas), 30, "requests of every replica in Prometheus")
+    except AssertionError:
+        raise AssertionError(f"scraped {scraped()}, replicas {replicas}") from None
+    assert all(v > 0 for v in scraped().values()), scraped()
     print(f"test body: {time.monotonic() - started:.1f} s")
 
 

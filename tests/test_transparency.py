@@ -130,9 +130,12 @@ def test_stream_chunks_are_relayed_as_they_arrive(scripted, start_meter):
     )
     meter = start_meter(server.url)
     received: list[bytes] = []
-    with httpx.Client(timeout=10) as client, client.stream(
-        "POST", f"{meter.url}/v1/chat/completions", json={"model": "m", "stream": True}
-    ) as response:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST", f"{meter.url}/v1/chat/completions", json={"model": "m", "stream": True}
+        ) as response,
+    ):
         chunks = response.iter_raw()
         for index, expected in enumerate(SSE_CHUNKS):
             got = b""
@@ -156,12 +159,15 @@ def test_client_disconnect_closes_upstream_connection_and_records_abort(scripted
         headers=[(b"content-type", b"text/event-stream")], chunks=SSE_CHUNKS, gates=gates
     )
     meter = start_meter(server.url)
-    with httpx.Client(timeout=10) as client, client.stream(
-        "POST",
-        f"{meter.url}/v1/chat/completions",
-        json={"model": "m", "stream": True},
-        headers={"Authorization": "Bearer fw-abcdefgh"},
-    ) as response:
+    with (
+        httpx.Client(timeout=10) as client,
+        client.stream(
+            "POST",
+            f"{meter.url}/v1/chat/completions",
+            json={"model": "m", "stream": True},
+            headers={"Authorization": "Bearer fw-abcdefgh"},
+        ) as response,
+    ):
         got = b""
         chunks = response.iter_raw()
         while len(got) < len(SSE_CHUNKS[0]) + len(SSE_CHUNKS[1]):
