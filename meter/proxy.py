@@ -15,11 +15,17 @@ Rule 5 (the hot path never waits on a sink): ``emit`` must return at once (the w
 Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admitted after its key is
         resolved and before anything is sent upstream; a refused one gets the hook's 429/503 and is
         recorded as ``rejected``. An admitted request's reservation is settled exactly once with what
-        the record says it used: before the byte that completes the response (so a client that sees
-        its response complete also sees its spend counted), or, if the exchange ended otherwise, in
-        the ``finally`` (shielded from cancellation). The hook's ``x-ratelimit-*`` headers replace the
-        upstream's on responses to keys with rate limits: the one documented change to response
-        headers.
+        the record says it used: the settle starts before the byte that completes the response and
+        is awaited after it (the store's round trip overlaps the last send instead of delaying it),
+        or, if the exchange ended otherwise, in the ``finally``; either way shielded from
+        cancellation. The next request on the same client connection is admitted only once that
+        settle is done, so a client sending request after request on a keep-alive connection is
+        judged on its settled spend, never on a reservation still held. (A request on another
+        connection or replica that arrives within the settle's round trip, ~0.2 ms, can see the
+        reservation instead: conservative, except for a response that cost more than it reserved,
+        which the quota bound already counts as in flight.) The hook's
+        ``x-ratelimit-*`` headers replace the upstream's on responses to keys with rate limits: the
+        one documented change to response headers.
 
 Timings (all from one monotonic clock, origin = the moment the ASGI server handed meter the request):
 ``upstream_headers_ms`` until the upstream's response head, ``ttft_ms`` until the first streamed chunk
@@ -84,8 +90,11 @@ class QuotaHook(Protocol):
         """An AdmissionResult: ``allowed``, ``reservation``, ``headers``, ``rejection``."""
         ...
 
-    async def settle(self, reservation: Any, usage: Usage | None, cost: Any, now: datetime) -> Any:
-        """Never raises for store failures."""
+    def start_settle(
+        self, reservation: Any, usage: Usage | None, cost: Any, now: datetime
+    ) -> asyncio.Future[Any]:
+        """Settle as a task that runs to completion whether awaited or not; never fails for store
+        failures. Later admissions of the same team or key wait for it."""
         ...
 
 
@@ -155,6 +164,7 @@ class _Exchange:
         "reservation",
         "response_bytes",
         "scope",
+        "settling",
         "span",
         "start_ns",
         "status",
@@ -184,6 +194,7 @@ class _Exchange:
         self.record: UsageRecord | None = None
         self.rejection: Any = None
         self.reservation: Any = None
+        self.settling: asyncio.Future[Any] | None = None
         self.request_bytes = 0
         self.response_bytes = 0
         self.span: Any = None
@@ -219,6 +230,7 @@ class Proxy:
         self._max_request_bytes = max_request_bytes
         self._on_observe_error = on_observe_error
         self._clock = clock
+        self._settling_on: dict[tuple[Any, ...], asyncio.Future[Any]] = {}  # client connection → settle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = _Exchange(scope, self._clock(), time.time_ns())
@@ -226,8 +238,9 @@ class Proxy:
             await self._handle(scope, receive, send, x, x.t0, x.start_ns)
         finally:
             self._finalize(x)
-            if x.reservation is not None:
-                await self._settle(x)
+            self._start_settle(x)
+            if x.settling is not None:
+                await asyncio.shield(x.settling)
 
     def _finalize(self, x: _Exchange) -> None:
         """Emit the request's one record (Rule 2): the first call wins, later calls do nothing."""
@@ -246,15 +259,25 @@ class Proxy:
         x.observation = observer.finish(aborted=False)
         self._finalize(x)
 
-    async def _settle(self, x: _Exchange) -> None:
-        """Settle the request's reservation once (Rule 6), from its record. Shielded: a client leaving
-        while the store answers must not leave the reservation held until its lease runs out."""
+    def _start_settle(self, x: _Exchange) -> None:
+        """Start settling the request's reservation, once (Rule 6), from its record. A task: a client
+        leaving while the store answers must not leave the reservation held until its lease runs
+        out; whoever awaits ``x.settling`` shields it."""
         reservation, x.reservation = x.reservation, None
         record = x.record
         if reservation is None or record is None or self._quota is None:
             return
-        settle = self._quota.settle(reservation, settlement_usage(record), record.cost_usd, datetime.now(UTC))
-        await asyncio.shield(settle)
+        settling = x.settling = self._quota.start_settle(
+            reservation, settlement_usage(record), record.cost_usd, datetime.now(UTC)
+        )
+        connection = _connection(x.scope)
+        if connection is not None:
+            self._settling_on[connection] = settling
+            settling.add_done_callback(lambda done: self._settled_on(connection, done))
+
+    def _settled_on(self, connection: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+        if self._settling_on.get(connection) is done:
+            del self._settling_on[connection]
 
     async def _handle(
         self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float, start_ns: int
@@ -292,6 +315,10 @@ class Proxy:
             if who.upstream_authorization is not None:
                 upstream_headers = swap_authorization(upstream_headers, who.upstream_authorization)
         if self._quota is not None:
+            if self._settling_on:
+                previous = self._settling_on.get(_connection(scope))
+                if previous is not None:  # this connection's previous response (Rule 6)
+                    await asyncio.shield(previous)
             admitted = await self._quota.admit(
                 x.team, x.key_fingerprint, x.info, datetime.now(UTC), endpoint=x.endpoint
             )
@@ -366,8 +393,7 @@ class Proxy:
                     # This chunk completes a Content-Length body in the client's eyes: record first.
                     observer.feed(chunk, now)
                     self._complete(x, observer)
-                    if x.reservation is not None:
-                        await self._settle(x)
+                    self._start_settle(x)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
@@ -375,9 +401,10 @@ class Proxy:
             x.relaying = False
             if not x.emitted:
                 self._complete(x, observer)  # a chunked body ends with the terminator sent next
-            if x.reservation is not None:
-                await self._settle(x)
+            self._start_settle(x)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            if x.settling is not None:
+                await asyncio.shield(x.settling)
         finally:
             if x.observation is None:
                 x.observation = observer.finish(aborted=True)
@@ -526,3 +553,9 @@ async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], x: _Excha
     if x.relaying:
         x.client_gone = True
         task.cancel()
+
+
+def _connection(scope: Scope) -> tuple[Any, ...] | None:
+    """The client's TCP connection (address and port, as the ASGI server reports them)."""
+    client = scope.get("client")
+    return tuple(client) if client else None

@@ -404,3 +404,35 @@ async def test_refresh_gauges_sets_the_team_gauges_from_the_store(make_store: St
     await admission.refresh_gauges([("acme", limits)], T0)
     assert registry.get_sample_value("meter_budget_remaining_usd", {"team": "acme"}) == 0.75
     assert registry.get_sample_value("meter_budget_used_ratio", {"team": "acme"}) == 0.25
+
+
+# --- settling off the response path (Rule 0) ----------------------------------------------------------
+
+
+class SlowSettleStore(CountingStore):
+    """Settles only when ``release`` is set: a store round trip still in flight."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def settle(self, reservation: Reservation, spend: Spend, now: datetime) -> Settlement:
+        await self.release.wait()
+        return await super().settle(reservation, spend, now)
+
+
+async def test_a_started_settle_completes_when_its_awaiter_is_cancelled() -> None:
+    """The forward path starts the settle before the response's last byte and awaits it after; a
+    client leaving in between cancels the awaiting task, never the settle."""
+    store = SlowSettleStore()
+    admission, _ = make_admission(store, team=Limits(max_concurrent=1))
+    first = await admission.admit("acme", None, INFO, T0)
+    assert first.allowed and first.reservation is not None
+    settling = admission.start_settle(first.reservation, Usage(100, 10, total_tokens=110), None, T0)
+    awaiter = asyncio.ensure_future(asyncio.shield(settling))
+    await asyncio.sleep(0.01)
+    awaiter.cancel()
+    assert not (await admission.admit("acme", None, INFO, T0)).allowed  # the slot is still held
+    store.release.set()
+    assert (await settling) is not None
+    assert (await admission.admit("acme", None, INFO, T0)).allowed  # settled: the slot is free

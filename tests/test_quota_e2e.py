@@ -298,6 +298,30 @@ def test_the_sdk_honours_retry_after_on_a_concurrency_rejection(start, simulator
     assert len(simulator.sim.received) == 2
 
 
+@pytest.mark.parametrize("store", ["memory", "redis"])
+def test_back_to_back_requests_under_a_concurrency_limit_of_one_are_never_refused(
+    start, simulator: SimHandle, store: str, request: pytest.FixtureRequest
+) -> None:
+    """The settle overlaps the response's last byte; the client's next request, sent the moment the
+    previous one completed, must still find the one slot free (this replica orders it after the
+    settle), streaming or not."""
+    overrides: dict[str, Any] = {}
+    if store == "redis":
+        overrides = {"redis_url": REDIS_URL, "quota_prefix": request.getfixturevalue("redis_prefix")}
+    meter = start(simulator.url, **overrides)
+    key_id = team_with_key(meter, "serial", "fw_serial_key_0008")
+    set_key_limits(meter, key_id, max_concurrent=1)
+    client = sdk(meter, "fw_serial_key_0008", max_retries=0)
+    for i in range(40):
+        if i % 2:
+            stream = client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3, stream=True)
+            assert [c for c in stream]
+        else:
+            assert client.chat.completions.create(model=MODEL, messages=MESSAGES, max_tokens=3).usage
+    rows = meter.rows(40)
+    assert [r["status_code"] for r in rows] == [200] * 40
+
+
 def test_overshoot_is_counted_and_the_next_request_is_refused(start, simulator) -> None:
     """No max_tokens and a default reservation of 1 output token: every response costs more than it
     reserved. The excess is counted, and once spend + the next reservation exceeds the budget the

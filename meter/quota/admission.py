@@ -7,6 +7,8 @@
 
 ``settle`` must run also when the request's task is being cancelled (the client left): await it after
 ``task.uncancel()`` or under ``asyncio.shield``, or the reservation stays held until its lease expires.
+The forward path uses ``start_settle`` instead, which runs ``settle`` as a task it can start before the
+response's last byte and await after it, taking the store's round trip off the client's latency.
 
 Rule 1 (cheap when unlimited): a request whose team and key have no policy costs one lookup call and
         no store round trip; ``admit`` returns the shared :data:`UNLIMITED` result.
@@ -43,6 +45,7 @@ describe the team's own policy as this replica last saw it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections import deque
@@ -241,6 +244,7 @@ class Admission:
         self._children: dict[str, _TeamChildren] = {}
         self._down_until: datetime | None = None
         self._pending: deque[tuple[Reservation, Spend]] = deque()
+        self._settling: set[asyncio.Task[Spend | None]] = set()  # strong references while running
 
     # -- the forward path -----------------------------------------------------------------------------
 
@@ -289,6 +293,21 @@ class Admission:
                 self._pending.appendleft((pending, pending_spend))
                 break
         return spend
+
+    def start_settle(
+        self, reservation: Reservation, usage: Usage | None, cost: Decimal | None, now: datetime
+    ) -> asyncio.Task[Spend | None]:
+        """``settle`` as a task that runs to completion whoever awaits it or not (shield it when
+        awaiting from a task that may be cancelled)."""
+        task = asyncio.ensure_future(self.settle(reservation, usage, cost, now))
+        self._settling.add(task)
+        task.add_done_callback(self._settled)
+        return task
+
+    def _settled(self, task: asyncio.Task[Spend | None]) -> None:
+        self._settling.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("quota settle failed", exc_info=task.exception())
 
     # -- operator views -------------------------------------------------------------------------------
 

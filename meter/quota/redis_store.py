@@ -4,6 +4,7 @@ Every change is one Lua script (:mod:`meter.quota.scripts`) run with EVALSHA, fa
 LOAD when Redis does not know it (a restart, a failover, a SCRIPT FLUSH). Redis runs a script alone,
 so ``reserve`` checks and updates all of a request's counters (team and key; budget, token budgets,
 rpm, tpm, concurrency) atomically across processes: store Rule 1 holds for any number of replicas.
+Calls made in the same turn of the event loop go out as one pipeline (:mod:`meter.quota.redis_batch`).
 
 Failure: any error reaching Redis (refused, reset, timeout, READONLY, OOM) raises
 :class:`~meter.quota.store.StoreUnavailable`; the failure policy is admission's. The client should not
@@ -47,6 +48,7 @@ from meter.quota.policy import (
     period_window,
     to_ms,
 )
+from meter.quota.redis_batch import ScriptBatcher
 from meter.quota.store import (
     BUDGET_GRACE_MS,
     CONCURRENCY_RETRY_MS,
@@ -110,6 +112,7 @@ class RedisStore:
         self._settle = client.register_script(scripts.SETTLE)
         self._status = client.register_script(scripts.STATUS)
         self._seed = client.register_script(scripts.SEED)
+        self._batcher = ScriptBatcher(client)
 
     # -- the port -------------------------------------------------------------------------------------
 
@@ -222,7 +225,7 @@ class RedisStore:
 
     async def _call(self, script: AsyncScript, args: list[Any], keys: list[str] | None = None) -> list[int]:
         try:
-            raw = await script(keys=keys, args=args)
+            raw = await self._batcher.call(script, keys or [], args)
         except (RedisError, OSError, TimeoutError) as exc:
             raise StoreUnavailable(self.name, exc) from exc
         if isinstance(raw, int):
