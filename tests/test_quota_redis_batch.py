@@ -82,3 +82,22 @@ async def test_an_unreachable_redis_fails_every_call_of_the_batch() -> None:
     with pytest.raises((RedisConnectionError, OSError)):
         await batcher.call(script, ["k"], [1])
     await client.aclose()
+
+
+async def test_a_kept_connection_killed_by_redis_is_replaced(redis_handle: RedisHandle) -> None:
+    """As after a Redis restart: the connection the batcher keeps dies; at most the call in flight
+    fails, and the next ones reconnect."""
+    client, key = redis_handle.client, redis_handle.prefix + "k"
+    incr = client.register_script(INCR)
+    batcher = ScriptBatcher(client)
+    assert await batcher.call(incr, [key], [1]) == 1
+    (kept,) = batcher._idle
+    await kept.send_command("CLIENT", "ID")
+    await client.execute_command("CLIENT", "KILL", "ID", await kept.read_response())
+    try:
+        counted = await batcher.call(incr, [key], [1])
+    except (RedisConnectionError, OSError):
+        counted = 1  # the call in flight failed, and did not run
+    assert counted == 2 or counted == 1
+    assert await batcher.call(incr, [key], [1]) == counted + 1
+    await batcher.aclose()

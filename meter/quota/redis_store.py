@@ -213,6 +213,7 @@ class RedisStore:
         return (await self._call(self._seed, args, [key])) == [1]
 
     async def aclose(self) -> None:
+        await self._batcher.aclose()
         await self.client.aclose()
 
     # -- internals ------------------------------------------------------------------------------------
