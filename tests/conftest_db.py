@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -108,14 +109,21 @@ def db_url(request: pytest.FixtureRequest) -> str:
     return url
 
 
-@pytest.fixture
-async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrate.upgrade(db_url)
-    engine = create_engine(db_url)
+@asynccontextmanager
+async def migrated_engine(url: str) -> AsyncIterator[AsyncEngine]:
+    """An engine on ``url`` with every migration applied, disposed afterwards."""
+    await migrate.upgrade(url)
+    engine = create_engine(url)
     try:
         yield engine
     finally:
         await engine.dispose()
+
+
+@pytest.fixture
+async def db_engine(db_url: str) -> AsyncIterator[AsyncEngine]:
+    async with migrated_engine(db_url) as engine:
+        yield engine
 
 
 def every_field_record() -> UsageRecord:

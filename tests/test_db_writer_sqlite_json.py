@@ -21,15 +21,13 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.db import migrate
 from meter.db import writer as db_writer
-from meter.db.engine import create_engine
 from meter.db.models import RECORD_FIELDS, make_storable, record_to_row, row_to_record, usage_events
 from meter.db.types import UtcDateTime
 from meter.db.writer import write_batch, write_isolating, write_payloads
 from meter.payload import FALLBACK_MARK, decode_row, encode_record
 from meter.records import UsageRecord
-from tests.conftest_db import every_field_record, make_record
+from tests.conftest_db import every_field_record, make_record, migrated_engine
 from tests.test_rollups import assert_rollup_equals_raw, dataset
 
 UNICODE = (
@@ -105,23 +103,14 @@ def edge_records() -> list[UsageRecord]:
 
 @pytest.fixture
 async def sqlite_engine(db_sqlite_url: str) -> AsyncIterator[AsyncEngine]:
-    await migrate.upgrade(db_sqlite_url)
-    engine = create_engine(db_sqlite_url)
-    try:
+    async with migrated_engine(db_sqlite_url) as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 @pytest.fixture
 async def other_sqlite_engine(tmp_path: Any) -> AsyncIterator[AsyncEngine]:
-    url = f"sqlite:///{tmp_path / 'binding.db'}"
-    await migrate.upgrade(url)
-    engine = create_engine(url)
-    try:
+    async with migrated_engine(f"sqlite:///{tmp_path / 'binding.db'}") as engine:
         yield engine
-    finally:
-        await engine.dispose()
 
 
 async def stored_records(engine: AsyncEngine) -> dict[str, UsageRecord]:
