@@ -128,7 +128,7 @@ def create_app(
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ProxyMetrics(registry)
     if tracer is None and meter_provider is None and settings.otel_environment:
-        # The OpenTelemetry SDK is imported only when an OTEL_* variable is set (~6 MB of RSS otherwise).
+        # The OpenTelemetry SDK is imported only when an OTEL_* variable is set (nothing else needs it).
         from meter.tracing import configure_from_environment
 
         tracer, meter_provider = configure_from_environment(

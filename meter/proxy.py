@@ -23,9 +23,9 @@ Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admi
         judged on its settled spend, never on a reservation still held. (A request on another
         connection or replica that arrives within the settle's round trip, ~0.2 ms, can see the
         reservation instead: conservative, except for a response that cost more than it reserved,
-        which the quota bound already counts as in flight.) The hook's
-        ``x-ratelimit-*`` headers replace the upstream's on responses to keys with rate limits: the
-        one documented change to response headers.
+        which the quota bound already counts as in flight.) The hook's ``x-ratelimit-*`` headers
+        replace the upstream's on responses to keys with rate limits: the one documented change to
+        response headers.
 
 Timings (all from one monotonic clock, origin = the moment the ASGI server handed meter the request):
 ``upstream_headers_ms`` until the upstream's response head, ``ttft_ms`` until the first streamed chunk
@@ -94,7 +94,7 @@ class QuotaHook(Protocol):
         self, reservation: Any, usage: Usage | None, cost: Any, now: datetime
     ) -> asyncio.Future[Any]:
         """Settle as a task that runs to completion whether awaited or not; never fails for store
-        failures. Later admissions of the same team or key wait for it."""
+        failures."""
         ...
 
 
