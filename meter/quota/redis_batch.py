@@ -64,17 +64,17 @@ class ScriptBatcher:
             task.add_done_callback(self._sending.discard)
 
     async def _send_all(self, batch: list[_Call]) -> None:
-        """``_send``, and no caller left waiting whatever it raised."""
+        """``_send``, and no caller left waiting whatever it raised: its callers get the error (for
+        instance no connection to Redis), nobody else."""
         try:
             await self._send(batch)
-        except BaseException as exc:
+        except Exception as exc:
             for *_, future in batch:
-                if future.done():
-                    continue
-                if isinstance(exc, Exception):
+                if not future.done():
                     future.set_exception(exc)
-                else:
-                    future.cancel()
+        except BaseException:
+            for *_, future in batch:
+                future.cancel()
             raise
 
     async def _send(self, batch: list[_Call], *, reloaded: bool = False) -> None:
