@@ -95,12 +95,15 @@ def make_admission(
     store: QuotaStore,
     team: Limits | None = None,
     key: Limits | None = None,
+    *,
+    fingerprint: str = FP,
     **config: Any,
 ) -> tuple[Admission, CollectorRegistry]:
+    """``team`` limits apply to team "acme", ``key`` limits to the key ``fingerprint``."""
     registry = CollectorRegistry()
 
     def lookup(team_name: str, key_fp: str | None) -> tuple[Limits | None, Limits | None]:
-        return (team if team_name == "acme" else None, key if key_fp == FP else None)
+        return (team if team_name == "acme" else None, key if key_fp == fingerprint else None)
 
     admission = Admission(store, lookup, price, registry=registry, config=AdmissionConfig(**config))
     return admission, registry

@@ -55,11 +55,7 @@ class ProxyApp:
 def test_the_next_request_on_a_connection_waits_for_the_previous_settle() -> None:
     fingerprinter = KeyFingerprinter(b"0123456789abcdef0123")
     fingerprint = fingerprinter.identify(KEY).fingerprint
-    admission, _ = make_admission(SlowSettles(), key=Limits(max_concurrent=1))
-    admission._policies = lambda team, key_fp: (
-        None,
-        Limits(max_concurrent=1) if key_fp == fingerprint else None,
-    )
+    admission, _ = make_admission(SlowSettles(), key=Limits(max_concurrent=1), fingerprint=fingerprint)
     upstream_app = ScriptedUpstream()
     upstream_app.script.headers = [(b"content-type", b"application/json")]
     upstream_app.script.chunks = [orjson.dumps({"id": "r", "object": "chat.completion", "choices": []})]
