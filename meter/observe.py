@@ -160,6 +160,7 @@ class ResponseObserver:
         "_body_len",
         "_decoder",
         "_deflate_head",
+        "_done",
         "_endpoint",
         "_facts",
         "_first_content_at",
@@ -210,6 +211,7 @@ class ResponseObserver:
         self._responses_stream = self._endpoint is Endpoint.RESPONSES
         self._template: _Template | None = None  # see _take
         self._at_boundary = False  # the decoder is at an event boundary (SSEDecoder.at_boundary)
+        self._done = False  # the stream's "data: [DONE]" event was seen
         self._template_tries = _TEMPLATE_TRIES if self._FAST else 0
         if self._streamed:
             self._decoder = SSEDecoder()
@@ -267,6 +269,7 @@ class ResponseObserver:
                         data = data[used:]
             if data == b"data: [DONE]\n\n" and self._at_boundary:
                 data = b""  # one event that says nothing (and leaves the decoder as it is)
+                self._done = True
             if data:
                 events = decoder.feed(data)
                 self._at_boundary = self._FAST and decoder.at_boundary
@@ -324,7 +327,10 @@ class ResponseObserver:
         chars = 0
         for event in events:
             data = event.data
-            if not data or data == "[DONE]" or data.isspace():
+            if data == "[DONE]":
+                self._done = True
+                continue
+            if not data or data.isspace():
                 continue
             try:
                 obj = orjson.loads(data)
@@ -402,6 +408,12 @@ class ResponseObserver:
         if self._on_error is not None:
             with contextlib.suppress(Exception):  # a broken metrics callback must not break the stream
                 self._on_error(kind)
+
+    @property
+    def done(self) -> bool:
+        """The stream has sent its ``data: [DONE]`` event: a client reading with the openai SDK stops
+        there and considers the response complete, whether or not more bytes follow."""
+        return self._done
 
     # --- finishing ------------------------------------------------------------------------------
 

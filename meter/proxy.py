@@ -7,7 +7,9 @@ Rule 1 (transparent): the request body is forwarded byte for byte; status, end-t
 Rule 2 (exactly one record): every request that reached this handler is emitted exactly once, from a
         ``finally``, whatever happened: completed, upstream error, meter error, or client gone.
 Rule 3 (observing never breaks forwarding): a chunk is sent to the client before the observer sees it,
-        and the observer never raises.
+        and the observer never raises. The exception is a chunk that may complete the response in the
+        client's eyes (Rule 2's record comes first): the last of a Content-Length body, or one holding
+        a stream's ``data: [DONE]``.
 Rule 4 (the client leaving stops the upstream): a watcher task waits for ``http.disconnect`` and cancels
         the relay; the upstream response is then closed together with its connection, so the provider
         stops generating.
@@ -389,11 +391,15 @@ class Proxy:
             async for chunk in response.chunks():
                 now = clock()
                 x.response_bytes += len(chunk)
-                if expected is not None and x.response_bytes >= expected and not x.emitted:
-                    # This chunk completes a Content-Length body in the client's eyes: record first.
+                completes = expected is not None and x.response_bytes >= expected
+                if not x.emitted and (completes or b"[DONE]" in chunk):
+                    # This chunk may complete the response in the client's eyes: the last byte of a
+                    # Content-Length body, or a stream's "data: [DONE]" (the openai SDK stops reading
+                    # there). Observe it first and, if so, record first.
                     observer.feed(chunk, now)
-                    self._complete(x, observer)
-                    self._start_settle(x)
+                    if completes or observer.done:
+                        self._complete(x, observer)
+                        self._start_settle(x)
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -712,3 +712,22 @@ def test_importing_the_tap_loads_no_framework() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("split", [None, 1, 7])
+def test_done_is_the_done_event_only(split: int | None) -> None:
+    """``done`` turns true on the stream's ``data: [DONE]`` event (whole, or arriving in pieces), and
+    not on content that merely contains those characters."""
+    tricky = b'data: {"id":"c","choices":[{"index":0,"delta":{"content":"data: [DONE]\\n\\n"}}]}\n\n'
+    body = tricky + b"data: [DONE]\n\n"
+    observer = ResponseObserver(CHAT, status_code=200, headers=SSE)
+    pieces = (
+        [body[: len(tricky)], body[len(tricky) :]]
+        if split is None
+        else [body[i : i + split] for i in range(0, len(body), split)]
+    )
+    seen = 0
+    for piece in pieces:
+        observer.feed(piece, 0.0)
+        seen += len(piece)
+        assert observer.done == (seen == len(body)), seen

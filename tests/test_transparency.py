@@ -7,6 +7,7 @@ import socket
 import threading
 
 import httpx
+import openai
 
 from tests.conftest import wait_for
 from tests.support.upstreams import Script
@@ -221,3 +222,21 @@ def test_record_is_emitted_before_the_client_can_see_its_response_complete(scrip
     with httpx.Client() as client, client.stream("POST", f"{meter.url}/v1/chat/completions", json={}) as r:
         assert b"".join(r.iter_raw()) == b"".join(SSE_CHUNKS)
     assert len(meter.emitted) == 2 and meter.emitted[1].completion_tokens == 1
+
+    # The openai SDK stops reading a stream at "data: [DONE]": an upstream that keeps the connection
+    # open after it (a keep-alive comment it has not sent yet) must not delay the record past that.
+    held = threading.Event()
+    upstream.script = Script(
+        headers=[(b"content-type", b"text/event-stream")],
+        chunks=[*SSE_CHUNKS, b": keep-alive\n\n"],
+        gates={len(SSE_CHUNKS): held},
+    )
+    client = openai.OpenAI(base_url=f"{meter.url}/v1", api_key="fw_any_key_0000", max_retries=0)
+    try:
+        chunks = list(client.chat.completions.create(model="m", messages=[], stream=True))
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 1
+        assert len(meter.emitted) == 3, "the client saw [DONE] before meter recorded the stream"
+        assert meter.emitted[2].outcome == "ok" and meter.emitted[2].completion_tokens == 1
+    finally:
+        held.set()
+        client.close()
