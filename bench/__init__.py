@@ -6,11 +6,13 @@ Layout, in the order a run meets it:
 
 - :mod:`.run`      command line and orchestration: which targets, which steps, rounds, in which order
 - :mod:`.targets`  the simulator and the meter processes under test; meter's writer backlog and records
+- :mod:`.passthrough`  ``--baseline``: a bare proxy on meter's stack, nothing observed (the floor)
 - :mod:`.procs`    processes in general: ports, CPU pinning, readiness, RSS and CPU time from /proc
 - :mod:`.loadgen`  the Python load generator process (aiohttp + uvloop): open loop and closed loop
 - :mod:`.wrk`      the closed-loop generator of choice when ``wrk`` is installed (Lua script for the POST)
 - :mod:`.stats`    percentiles, and merging a step's rounds
-- :mod:`.compare`  what meter adds over direct, the targets (PASS/MISS), server and client verdicts
+- :mod:`.compare`  what meter adds over direct (and over the pass-through), the targets (PASS/MISS),
+                   server and client verdicts
 - :mod:`.report`   the plain-text report
 
 Rule 1: open-loop latency is measured from each request's *scheduled* start, so a stalled server is

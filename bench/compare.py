@@ -4,6 +4,13 @@ warnings about a run's quality. Pure: the results document in, dicts and strings
 "Added" latency is the difference of percentiles at the same offered rate (meter's p99 minus direct's
 p99), the usual way to compare two latency distributions measured separately. Throughput ratio is
 meter's closed-loop maximum over direct's: the simulator with the same generator and connections.
+
+With a pass-through target (``--baseline``: meter's server and client with nothing observed or
+recorded, on meter's core) each meter is also compared with it. At a closed-loop maximum the proxy's
+one core is saturated, so 1e6 / max req/s is the CPU time one request costs it; meter's minus the
+pass-through's is the CPU meter's own work costs per request (µs), the part a change to meter can
+remove. That holds only while the pass-through itself saturates its core: when the load side caps it
+first, its cost per request is overstated and meter's own cost understated (a warning says so).
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ TARGET_ADDED_TTFT_P99_MS = 1.0
 TARGET_RSS_MB = 100.0
 
 NOISY_OTHER_CPU_PCT = 15.0  # foreign CPU use (share of one core) above which a step is flagged
+SATURATED_CPU_PCT = 85.0  # the pass-through's core below this at a maximum: the load side capped it
 BEHIND_LAG_MS = 10.0  # generator lateness (p99) above which an open-loop step is flagged
 
 
@@ -66,34 +74,72 @@ def _check(
     }
 
 
-def compare(direct: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
-    """What ``meter`` (one target's results) adds over ``direct``, and its target checks."""
+def _added(base: dict[str, Any], meter: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Added latency and added TTFT of ``meter`` over ``base``, per offered rate."""
     latency = {
         rate: {
-            "added_p50_ms": _diff(
-                get(step, "latency_ms", "p50"), get(direct, "latency", rate, "latency_ms", "p50")
-            ),
-            "added_p99_ms": _diff(
-                get(step, "latency_ms", "p99"), get(direct, "latency", rate, "latency_ms", "p99")
-            ),
+            f"added_{q}_ms": _diff(get(step, "latency_ms", q), get(base, "latency", rate, "latency_ms", q))
+            for q in ("p50", "p99")
         }
         for rate, step in meter.get("latency", {}).items()
     }
     ttft = {
         rate: {
-            "added_p50_ms": _diff(get(step, "ttft_ms", "p50"), get(direct, "stream", rate, "ttft_ms", "p50")),
-            "added_p99_ms": _diff(get(step, "ttft_ms", "p99"), get(direct, "stream", rate, "ttft_ms", "p99")),
+            f"added_{q}_ms": _diff(get(step, "ttft_ms", q), get(base, "stream", rate, "ttft_ms", q))
+            for q in ("p50", "p99")
         }
         for rate, step in meter.get("stream", {}).items()
     }
-    ratio = {
-        "requests": _ratio(
-            get(meter, "max_requests", "achieved_rps"), get(direct, "max_requests", "achieved_rps")
-        ),
-        "streams": _ratio(
-            get(meter, "max_streams", "achieved_rps"), get(direct, "max_streams", "achieved_rps")
-        ),
+    return latency, ttft
+
+
+MAXIMA = {"requests": "max_requests", "streams": "max_streams"}
+
+
+def _max_ratio(base: dict[str, Any], meter: dict[str, Any]) -> dict[str, float | None]:
+    """Closed-loop maximum of ``meter`` over ``base``'s, for requests and streams."""
+    return {
+        what: _ratio(get(meter, key, "achieved_rps"), get(base, key, "achieved_rps"))
+        for what, key in MAXIMA.items()
     }
+
+
+def own_cost_us(meter_rps: float | None, passthrough_rps: float | None) -> float | None:
+    """CPU µs per request that meter spends beyond the pass-through, from the two closed-loop maxima on
+    the same saturated core: ``1e6 / meter_rps - 1e6 / passthrough_rps``."""
+    if not meter_rps or not passthrough_rps:
+        return None
+    return round(1e6 / meter_rps - 1e6 / passthrough_rps, 1)
+
+
+def versus_passthrough(passthrough: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
+    """``meter`` against the bare pass-through: throughput ratio, meter's own CPU per request (µs),
+    and the latency it adds over the pass-through at the same offered load."""
+    latency, ttft = _added(passthrough, meter)
+    return {
+        "target": meter["name"],
+        "base": passthrough["name"],
+        "max_rps": {
+            what: {
+                "meter": get(meter, key, "achieved_rps"),
+                "passthrough": get(passthrough, key, "achieved_rps"),
+            }
+            for what, key in MAXIMA.items()
+        },
+        "throughput_ratio": _max_ratio(passthrough, meter),
+        "own_us_per_request": {
+            what: own_cost_us(get(meter, key, "achieved_rps"), get(passthrough, key, "achieved_rps"))
+            for what, key in MAXIMA.items()
+        },
+        "latency": latency,
+        "ttft": ttft,
+    }
+
+
+def compare(direct: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
+    """What ``meter`` (one target's results) adds over ``direct``, and its target checks."""
+    latency, ttft = _added(direct, meter)
+    ratio = _max_ratio(direct, meter)
 
     checks = []
     for key, limit, label in (
@@ -225,6 +271,8 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     direct = next(t for t in targets if t["kind"] == "direct")
     meters = [t for t in targets if t["kind"] == "meter"]
     results["comparison"] = [compare(direct, m) for m in meters]
+    passthrough = next((t for t in targets if t["kind"] == "passthrough"), None)
+    results["baseline"] = [versus_passthrough(passthrough, m) for m in meters] if passthrough else []
     plain = [m for m in meters if not m.get("quota")]
     results["servers"] = choose(plain, "server", "client")
     results["clients"] = choose(plain, "client", "server")
@@ -266,6 +314,16 @@ def warnings(results: dict[str, Any]) -> list[str]:
             f"other processes on this machine used up to {busiest[0]:.0f}% of a core during a step "
             f"({busiest[1]}, {busiest[2]}; column 'other cpu'): such rows are noisy; rerun on a quiet machine"
         )
+    for t in results["targets"]:
+        if t["kind"] != "passthrough":
+            continue
+        for key, label in (("max_requests", "max req/s"), ("max_streams", "max streams/s")):
+            cpu = get(t, key, "cpu_pct", "meter")
+            if cpu is not None and cpu < SATURATED_CPU_PCT:
+                out.append(
+                    f"{t['name']} @ {label}: it used {cpu:.0f}% of its core, so the load side capped it: "
+                    "its maximum, and meter's own cost per request derived from it, are understated"
+                )
     for t in results["targets"]:
         if t["kind"] != "direct":  # behind meter the lag also grows when meter is overloaded: no warning
             continue

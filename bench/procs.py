@@ -1,14 +1,16 @@
-"""The benchmark's processes: simulator, meter, load generator; ports, CPU pinning, RSS and CPU time.
+"""The benchmark's processes: simulator, meter, pass-through, load generator; ports, CPU pinning, RSS
+and CPU time.
 
 Every process is started in its own session (process group) so that stopping it stops its workers
 (granian's, uvicorn's with ``--workers``) and nothing else. Pinning is inherited by children.
 
-Pinning (``--pin auto``, the default on two or more CPUs): meter gets the last CPU to itself; the
-simulator and the load generators share the others. The targets are per meter process, so meter
-must not compete with its own load for a core; unpinned, the scheduler puts the simulator or the
-generator on meter's core and the numbers measure the mix, not meter (measured while writing this:
-wrk at 64 connections, meter 1,718 req/s pinned against 1,356 unpinned). Pinning does not keep other
-processes of the machine off meter's core: the bench measures their CPU time instead (``other cpu``).
+Pinning (``--pin auto``, the default on two or more CPUs): meter (and the ``--baseline`` pass-through,
+measured in its place) gets the last CPU to itself; the simulator and the load generators share the
+others. The targets are per meter process, so meter must not compete with its own load for a core;
+unpinned, the scheduler puts the simulator or the generator on meter's core and the numbers measure
+the mix, not meter (measured while writing this: wrk at 64 connections, meter 1,718 req/s pinned
+against 1,356 unpinned). Pinning does not keep other processes of the machine off meter's core: the
+bench measures their CPU time instead (``other cpu``).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def start(
     *,
     env: dict[str, str] | None = None,
     cpus: frozenset[int] | None = None,
+    cwd: Path | None = None,
 ) -> Process:
     log_path = log_dir / f"{name}.log"
     log = log_path.open("wb")
@@ -127,6 +130,7 @@ def start(
         env=env,
         start_new_session=True,
         preexec_fn=pin,
+        cwd=cwd,
     )
     log.close()
     return Process(name, popen, log_path)

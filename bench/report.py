@@ -1,5 +1,6 @@
-"""The benchmark's plain-text report: per-target tables, what meter adds over direct, the targets, and
-the server/client verdicts (computed by :mod:`bench.compare`). Pure: the results document in, text out.
+"""The benchmark's plain-text report: per-target tables, what meter adds over direct (and over the
+pass-through with ``--baseline``), the targets, and the server/client verdicts (computed by
+:mod:`bench.compare`). Pure: the results document in, text out.
 """
 
 from __future__ import annotations
@@ -72,6 +73,54 @@ def _cpu(step: dict[str, Any] | None, who: str) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
+def _baseline(versus: Sequence[dict[str, Any]]) -> list[str]:
+    out = [
+        "",
+        "METER VS PASS-THROUGH  the same server and client with nothing observed or recorded, on the same "
+        "pinned core",
+    ]
+    rows = []
+    for v in versus:
+        for what, label in (("requests", "max req/s"), ("streams", "max streams/s")):
+            rows.append(
+                [
+                    v["target"],
+                    label,
+                    _fmt(v["max_rps"][what]["meter"], 0),
+                    _fmt(v["max_rps"][what]["passthrough"], 0),
+                    _fmt(v["throughput_ratio"][what], 3),
+                    _fmt(v["own_us_per_request"][what], 0),
+                ]
+            )
+    out += _table(["target", "what", "meter", "pass-through", "ratio", "meter's own µs/request"], rows)
+    out.append(
+        "  meter's own µs/request = 1e6/meter max - 1e6/pass-through max: CPU time per request (or per"
+    )
+    out.append("  stream) that meter's own work adds, both maxima measured on the same saturated core")
+    rows = []
+    for v in versus:
+        for rate, added in v["latency"].items():
+            rows.append(
+                [
+                    v["target"],
+                    f"latency @ {rate}/s",
+                    _signed(added["added_p50_ms"]),
+                    _signed(added["added_p99_ms"]),
+                ]
+            )
+        for rate, added in v["ttft"].items():
+            rows.append(
+                [
+                    v["target"],
+                    f"TTFT @ {rate} streams/s",
+                    _signed(added["added_p50_ms"]),
+                    _signed(added["added_p99_ms"]),
+                ]
+            )
+    out += ["", *_table(["target", "meter minus pass-through", "added p50", "added p99"], rows)]
+    return out
+
+
 def render(results: dict[str, Any]) -> str:
     meta = results["meta"]
     targets = results["targets"]
@@ -90,6 +139,8 @@ def render(results: dict[str, Any]) -> str:
     )
     out.append(f"  open loop:  {meta['open_generator']}; latency from each request's scheduled start")
     out.append(f"  closed loop: {meta['closed_generator']}")
+    if meta.get("baseline"):
+        out.append(f"  pass-through: {meta['baseline']}; its cpu and MB are in the meter columns")
     out.append(
         "  percentiles are nearest-rank; ms = milliseconds; 'lag' = how late the generator sent (its health)"
     )
@@ -240,7 +291,7 @@ def render(results: dict[str, Any]) -> str:
     out.append("MEMORY  meter's resident set (MB = 10^6 bytes); records written to SQLite")
     rows = []
     for t in targets:
-        if t["kind"] != "meter":
+        if t["kind"] not in ("meter", "passthrough"):
             continue
         rss = t.get("rss") or {}
         rows.append(
@@ -304,6 +355,9 @@ def render(results: dict[str, Any]) -> str:
         for c in results["comparison"]
     ]
     out += ["", *_table(["target", "req/s ratio", "streams/s ratio"], rows)]
+
+    if results.get("baseline"):
+        out += _baseline(results["baseline"])
 
     if results.get("quota"):
         out.append("")

@@ -2,7 +2,9 @@
 
 Targets: ``direct`` (the simulator itself) and one ``meter[server,client]`` per combination of
 ``--server`` and ``--client`` (``all`` = every choice), each its own ``meter serve`` process with its own
-SQLite file, all forwarding to one simulator. Steps:
+SQLite file, all forwarding to one simulator. With ``--baseline``, also ``pass-through``: a bare proxy
+on meter's stack (:mod:`bench.passthrough`: raw ASGI on uvicorn, the aiohttp client, nothing observed
+or recorded) on meter's core, so the report can show what meter's own work costs per request. Steps:
 
 1. open loop, non-streaming, at each ``--rates`` value: latency percentiles from scheduled start;
 2. open loop, streaming, at each ``--stream-rates`` value: time to first token and whole-stream time;
@@ -16,8 +18,8 @@ what remains is shown in the report's "other cpu" column and warnings.
 
 Before a meter round the bench waits for meter's writer to have no records pending, so a round does
 not pay for the previous one's database backlog, and resets meter's peak RSS (``clear_refs``) so each
-step reports its own peak. After the last step it stops each meter (flushing the writer) and counts
-the records in its SQLite file.
+step reports its own peak (the pass-through's too; it has no writer). After the last step it stops each
+meter (flushing the writer) and counts the records in its SQLite file.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from bench.targets import (
     rss_summary,
     set_limits,
     start_meter,
+    start_passthrough,
     start_simulator,
     wait_writer_idle,
 )
@@ -87,6 +90,7 @@ class Options:
     json_path: Path | None
     workdir: Path | None
     quota_redis: str | None
+    baseline: bool
     quick: bool
 
 
@@ -152,6 +156,12 @@ def parse_args(argv: list[str] | None) -> Options:
         help="also measure meter with quota limits on (counters in this Redis, default "
         "redis://127.0.0.1:6379/0) beside the same meter with none, and report what admission adds",
     )
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also measure a bare pass-through on meter's stack and core (python -m bench.passthrough), "
+        "and report meter against it: throughput ratio and meter's own CPU per request",
+    )
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run (tests use it)")
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="also save results here")
     parser.add_argument(
@@ -203,6 +213,7 @@ def parse_args(argv: list[str] | None) -> Options:
         json_path=args.json_path,
         workdir=args.workdir,
         quota_redis=args.quota,
+        baseline=args.baseline,
         quick=quick,
     )
 
@@ -241,9 +252,11 @@ class Bench:
         return int(stats["requests"])
 
     def _round(self, target: Target, run: Any) -> dict[str, Any]:
-        """One round on ``target``, with the CPU time meter and the simulator used and meter's peak RSS."""
-        if target.process is not None:
+        """One round on ``target``, with the CPU time the proxy under test (meter or the pass-through) and
+        the simulator used, and the proxy's peak RSS."""
+        if target.kind == "meter":
             wait_writer_idle(target)
+        if target.process is not None:
             procs.reset_peak_rss(target.process)
         sim_requests = self._sim_requests()
         meter_cpu0 = target.process.cpu_seconds() if target.process else 0.0
@@ -432,6 +445,12 @@ def main(argv: list[str] | None = None) -> int:
             sim, sim_url = start_simulator(workdir, pinning)
             processes.append(sim)
             targets = [Target("direct", "direct", sim_url)]
+            if options.baseline:
+                target = start_passthrough(workdir, pinning, sim_url)
+                assert target.process is not None
+                processes.append(target.process)
+                targets.append(target)
+                log(f"{target.name} ready on {target.url} (pid {target.process.pid})")
             for server in options.servers:
                 for client in options.clients:
                     target = start_meter(workdir, pinning, sim_url, server, client)
@@ -444,7 +463,8 @@ def main(argv: list[str] | None = None) -> int:
                 assert target.process is not None
                 processes.append(target.process)
                 targets.append(target)
-            for target in targets[1:]:
+            meters = [t for t in targets if t.kind == "meter"]
+            for target in meters:
                 assert target.process is not None
                 procs.wait_http(f"{target.url}/readyz", target.process, timeout=60)
                 if target.quota:
@@ -455,9 +475,10 @@ def main(argv: list[str] | None = None) -> int:
                 Bench(options, sim, sim_url, targets, loadgen, pinning, log).run()
             finally:
                 loadgen.close()
-            for target in targets[1:]:
-                target.results["rss"] = rss_summary(target.results)
-            for target in targets[1:]:
+            for target in targets:
+                if target.process is not None:
+                    target.results["rss"] = rss_summary(target.results)
+            for target in meters:
                 assert target.process is not None and target.db_path is not None
                 target.process.stop()
                 target.results["records_written"] = count_records(target.db_path)
@@ -484,6 +505,10 @@ def main(argv: list[str] | None = None) -> int:
             "rates": list(options.rates),
             "stream_rates": list(options.stream_rates),
             "connections": options.connections,
+            "baseline": "bench.passthrough: raw ASGI on uvicorn (uvloop + httptools) with one aiohttp "
+            "session, nothing observed or recorded, pinned like meter"
+            if options.baseline
+            else None,
             "open_generator": "Python aiohttp+uvloop generator (separate process)",
             "closed_generator": closed_generator,
             "versions": _versions(),

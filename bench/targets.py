@@ -1,5 +1,6 @@
-"""The benchmark's targets: the simulator (``direct``) and each ``meter serve`` process, and what the
-bench reads from a running meter (writer backlog) and from a stopped one (records in its SQLite file).
+"""The benchmark's targets: the simulator (``direct``), each ``meter serve`` process, and with
+``--baseline`` the bare pass-through (:mod:`bench.passthrough`); what the bench reads from a running
+meter (writer backlog) and from a stopped one (records in its SQLite file).
 
 Every meter gets its own port and SQLite file, ``METER_KEY_SECRET`` and ``METER_UPSTREAM_CLIENT`` in its
 environment and no other ``METER_*`` variable (an unknown one would stop it at start-up).
@@ -17,11 +18,13 @@ from typing import Any
 
 from bench import procs
 
+REPO = Path(__file__).resolve().parent.parent  # where ``python -m bench.passthrough`` is found
+
 
 @dataclass
 class Target:
     name: str
-    kind: str  # "direct" or "meter"
+    kind: str  # "direct", "meter" or "passthrough"
     url: str
     server: str | None = None
     client: str | None = None
@@ -93,6 +96,21 @@ def start_meter(
     target = Target(name, "meter", f"http://127.0.0.1:{port}", server, client, process, db_path)
     target.quota = redis_url is not None
     return target
+
+
+PASSTHROUGH = "pass-through"
+
+
+def start_passthrough(workdir: Path, pinning: procs.Pinning, sim_url: str) -> Target:
+    """The floor: meter's stack with nothing observed or recorded, on meter's CPU. Ready once a request
+    forwarded through it reaches the simulator (it has no ``/readyz``)."""
+    port = procs.free_port()
+    argv = [sys.executable, "-m", "bench.passthrough", "--upstream", sim_url, "--port", str(port)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = procs.start("passthrough", argv, workdir, env=env, cpus=pinning.meter, cwd=REPO)
+    url = f"http://127.0.0.1:{port}"
+    procs.wait_http(f"{url}/_sim/stats", process)
+    return Target(PASSTHROUGH, "passthrough", url, "uvicorn", "aiohttp", process)
 
 
 def set_limits(target: Target, key: str) -> None:

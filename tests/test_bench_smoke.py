@@ -1,9 +1,10 @@
-"""The benchmark runs end to end: ``python -m bench.run --quick`` starts the simulator and meter, drives
-both, and reports every section with numbers that make sense.
+"""The benchmark runs end to end: ``python -m bench.run --quick --baseline`` starts the simulator, the
+bare pass-through and meter, drives all three, and reports every section with numbers that make sense.
 
 Nothing here asserts a speed: timings on a shared two-core machine are for the report, not for a test.
 What is asserted is what a reader of the report relies on: each section is there, every request was
-answered without error, percentiles are ordered, and meter wrote one record per request it forwarded.
+answered without error (through the pass-through too, streams included), percentiles are ordered, and
+meter wrote one record per request it forwarded.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--json", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--baseline", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -41,7 +42,8 @@ def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None
     text, _ = quick_run
     for section in SECTIONS:
         assert f"\n{section}  " in text, f"section {section} missing from:\n{text}"
-    assert "direct" in text and "meter[uvicorn,aiohttp]" in text
+    assert "direct" in text and "meter[uvicorn,aiohttp]" in text and "pass-through" in text
+    assert "\nMETER VS PASS-THROUGH  " in text
     assert "PASS" in text or "MISS" in text
 
 
@@ -53,7 +55,7 @@ def _ordered(summary: dict[str, Any]) -> None:
 def test_every_target_was_measured_without_errors(quick_run: tuple[str, dict[str, Any]]) -> None:
     _, results = quick_run
     targets = {t["name"]: t for t in results["targets"]}
-    assert set(targets) == {"direct", "meter[uvicorn,aiohttp]"}
+    assert set(targets) == {"direct", "pass-through", "meter[uvicorn,aiohttp]"}
     for target in targets.values():
         for rate, step in target["latency"].items():
             assert step["error_count"] == 0, (target["name"], rate, step["errors"])
@@ -78,6 +80,18 @@ def test_meter_memory_and_records(quick_run: tuple[str, dict[str, Any]]) -> None
     # everything on: one SQLite record per request meter forwarded to the simulator
     assert meter["requests_seen"] > 0
     assert meter["records_written"] == meter["requests_seen"]
+
+
+def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]]) -> None:
+    _, results = quick_run
+    passthrough = next(t for t in results["targets"] if t["kind"] == "passthrough")
+    assert passthrough["requests_seen"] > 0
+    assert 10 < passthrough["rss"]["serving_mb"] < 10_000
+    assert passthrough["max_requests"]["cpu_pct"]["meter"] > 0
+    (versus,) = results["baseline"]
+    assert versus["base"] == "pass-through"
+    assert versus["throughput_ratio"]["requests"] > 0
+    assert versus["own_us_per_request"]["requests"] is not None
 
 
 def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
