@@ -63,12 +63,22 @@ def override_headers(
     return [(n, v) for n, v in headers if n.lower() not in names] + replacements
 
 
+# Response headers meter reads (besides every fireworks-* one): framing and the request id.
+OBSERVED = frozenset({b"content-type", b"content-encoding", b"content-length", b"x-request-id"})
+FIREWORKS_PREFIX = b"fireworks-"
+
+
+def observed(name: bytes) -> bool:
+    """Whether meter reads a response header (lower-case name): see :func:`split_response_headers`."""
+    return name in OBSERVED or name.startswith(FIREWORKS_PREFIX)
+
+
 def split_response_headers(
     headers: Sequence[tuple[bytes, bytes]],
 ) -> tuple[dict[str, str], list[tuple[bytes, bytes]]]:
-    """One pass over the upstream's response headers: ``(end-to-end headers by lower-case name, for
-    the observer; the headers to send the client)``, equal to :func:`client_response_headers` and
-    what a dict of every header would say for all but hop-by-hop names."""
+    """One pass over the upstream's response headers: ``(the end-to-end headers meter reads, by
+    lower-case name, decoded: see :func:`observed`; the headers to send the client)``. The second is
+    equal to :func:`client_response_headers`; only the few headers meter reads are decoded."""
     by_name: dict[str, str] = {}
     out: list[tuple[bytes, bytes]] = []
     connection = False
@@ -77,7 +87,8 @@ def split_response_headers(
         if lowered in HOP_BY_HOP:
             connection = connection or lowered == b"connection"
             continue
-        by_name[lowered.decode("latin-1")] = value.decode("latin-1")
+        if lowered in OBSERVED or lowered.startswith(FIREWORKS_PREFIX):
+            by_name[lowered.decode("latin-1")] = value.decode("latin-1")
         out.append((name, value))
     if connection:  # rare: names the Connection header lists are hop-by-hop too
         out = client_response_headers(headers)
