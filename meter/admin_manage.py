@@ -33,12 +33,12 @@ from meter.admin_quota import QUOTA_ROUTES
 from meter.billing import month_range
 from meter.errors import RequestError
 from meter.identity import bearer_token
+from meter.tenancy.audit import admin_actor
 from meter.tenancy.errors import NotFound
 from meter.tenancy.keys import KeyKind
 from meter.tenancy.ledger import billing_report, rerate
 from meter.tenancy.prices import row_to_json
 from meter.tenancy.runtime import Tenancy
-from meter.tenancy.store import admin_actor
 
 
 class TeamCreate(msgspec.Struct, forbid_unknown_fields=True):

@@ -24,8 +24,11 @@ from meter.identity import bearer_token
 from meter.quota.admission import Admission
 from meter.quota.report import render_status
 from meter.quota.store import StoreUnavailable, SubjectState
+from meter.tenancy.audit import admin_actor
+from meter.tenancy.key_store import KeyInfo
+from meter.tenancy.limits import limits_json
 from meter.tenancy.runtime import Tenancy
-from meter.tenancy.store import KeyInfo, Team, admin_actor, limits_json
+from meter.tenancy.team_store import Team
 
 
 class QuotaUnavailable(MeterError):

@@ -376,7 +376,7 @@ def journal_replay_command(directory: str, database_url: str | None, timeout: fl
 
 
 def _add_management_commands() -> None:
-    from meter.cli_manage import COMMANDS  # imported here: meter.cli_manage reads settings via meter.cli
+    from meter.cli_manage import COMMANDS  # imported here: meter.cli_runner reads settings via meter.cli
 
     for command in COMMANDS:
         main.add_command(command)

@@ -1,7 +1,7 @@
 """``meter quota set|clear|show|status``: quota limits from the command line.
 
 ``set``, ``clear`` and ``show`` work on the database like the other management commands
-(:mod:`meter.cli_manage`), through the same store as the admin API, audited as ``cli:<user>``; a
+(:mod:`meter.cli_runner`), through the same store as the admin API, audited as ``cli:<user>``; a
 running meter applies a change within its refresh interval.
 
 ``status`` runs without a proxy, so it cannot ask one. With ``METER_REDIS_URL`` set it reads the live
@@ -21,9 +21,8 @@ from urllib.parse import urlsplit
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-database_option = click.option(
-    "--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL]."
-)
+from meter.cli_runner import actor, database_option, echo_rows, open_store, run_action
+
 team_option = click.option("--team", "team_name", default=None, help="The team.")
 key_option = click.option("--key", "key_id", type=int, default=None, help="The key, by id (meter key list).")
 # Limits field → the option that sets it, for error messages.
@@ -89,10 +88,9 @@ def quota_set(
 ) -> None:
     """Set the quota limits of a team or key, replacing all of its previous ones (a limit not given
     is removed). A request must pass both its team's and its key's limits."""
-    from meter.cli_manage import _actor, _run, _store
     from meter.errors import RequestError
     from meter.quota.report import limits_summary
-    from meter.tenancy.store import parse_limits
+    from meter.tenancy.limits import parse_limits
 
     _one_subject(team_name, key_id)
     values: dict[str, Any] = {
@@ -114,12 +112,12 @@ def quota_set(
         raise click.UsageError("give at least one limit; `meter quota clear` removes them all")
 
     async def action(engine: AsyncEngine, settings: Any) -> Any:
-        store = _store(engine, settings)
+        store = open_store(engine, settings)
         if team_name is not None:
-            return (await store.set_team_limits(team_name, limits, actor=_actor())).limits
-        return (await store.set_key_limits(key_id, limits, actor=_actor())).limits
+            return (await store.set_team_limits(team_name, limits, actor=actor())).limits
+        return (await store.set_key_limits(key_id, limits, actor=actor())).limits
 
-    stored = _run(database_url, action)
+    stored = run_action(database_url, action)
     click.echo(f"limits of {_subject_text(team_name, key_id)} set: {limits_summary(stored)}")
 
 
@@ -129,18 +127,16 @@ def quota_set(
 @database_option
 def quota_clear(team_name: str | None, key_id: int | None, database_url: str | None) -> None:
     """Remove every quota limit of a team or key."""
-    from meter.cli_manage import _actor, _run, _store
-
     _one_subject(team_name, key_id)
 
     async def action(engine: AsyncEngine, settings: Any) -> None:
-        store = _store(engine, settings)
+        store = open_store(engine, settings)
         if team_name is not None:
-            await store.set_team_limits(team_name, None, actor=_actor())
+            await store.set_team_limits(team_name, None, actor=actor())
         else:
-            await store.set_key_limits(key_id, None, actor=_actor())
+            await store.set_key_limits(key_id, None, actor=actor())
 
-    _run(database_url, action)
+    run_action(database_url, action)
     click.echo(f"limits of {_subject_text(team_name, key_id)} cleared")
 
 
@@ -151,20 +147,19 @@ def quota_clear(team_name: str | None, key_id: int | None, database_url: str | N
 @database_option
 def quota_show(team_name: str | None, key_id: int | None, fmt: str, database_url: str | None) -> None:
     """The quota limits of a team or key, as stored."""
-    from meter.cli_manage import _echo, _run, _store
-    from meter.tenancy.store import limits_json
+    from meter.tenancy.limits import limits_json
 
     _one_subject(team_name, key_id)
 
     async def action(engine: AsyncEngine, settings: Any) -> dict[str, Any]:
-        store = _store(engine, settings)
+        store = open_store(engine, settings)
         if team_name is not None:
             team = await store.get_team(team_name)
             return {"team": team.name, "limits": limits_json(team.limits)}
         key = await store.get_key(key_id)
         return {"key_id": key.id, "suffix": key.suffix, "team": key.team, "limits": limits_json(key.limits)}
 
-    shown = _run(database_url, action)
+    shown = run_action(database_url, action)
     if fmt == "json":
         click.echo(json.dumps(shown, indent=2))
         return
@@ -172,7 +167,7 @@ def quota_show(team_name: str | None, key_id: int | None, fmt: str, database_url
     if limits is None:
         click.echo(f"{_subject_text(team_name, key_id)} has no limits")
         return
-    _echo([{"limit": name, "value": value} for name, value in limits.items()], "table")
+    echo_rows([{"limit": name, "value": value} for name, value in limits.items()], "table")
 
 
 # -- status ---------------------------------------------------------------------------------------
@@ -195,11 +190,10 @@ def quota_status(team_name: str | None, key_id: int | None, fmt: str, database_u
     """Usage against every limit of a team and/or key (every subject with limits when neither is
     given): from Redis's live counters when METER_REDIS_URL is set, else from the database's hourly
     rollups (spend of the current period only)."""
-    from meter.cli_manage import _echo, _run, _store
     from meter.quota.report import render_status, status_rows
 
     async def action(engine: AsyncEngine, settings: Any) -> dict[str, Any]:
-        store = _store(engine, settings)
+        store = open_store(engine, settings)
         subjects = await _subjects(store, team_name, key_id)
         now = datetime.now(UTC)
         if settings.redis_url:
@@ -211,7 +205,7 @@ def quota_status(team_name: str | None, key_id: int | None, fmt: str, database_u
             await _database_states(engine, settings, subjects, now), now, source="database", live=False
         )
 
-    status = _run(database_url, action)
+    status = run_action(database_url, action)
     if fmt == "json":
         click.echo(json.dumps(status, indent=2))
         return
@@ -222,7 +216,7 @@ def quota_status(team_name: str | None, key_id: int | None, fmt: str, database_u
             "source: database rollups (no METER_REDIS_URL): spend of the current period; rate limits, "
             "requests in flight and reservations are known only to a running meter (-)"
         )
-    _echo(status_rows(status), "table")
+    echo_rows(status_rows(status), "table")
 
 
 Subjects = list[tuple[dict[str, Any], Any, Any]]  # (who, Subject, Limits | None)

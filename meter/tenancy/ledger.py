@@ -56,7 +56,7 @@ from meter.db.models import usage_events, usage_hourly
 from meter.db.rollups import NULL_KEY, NULL_MODEL, hour_of, is_hour_aligned
 from meter.db.types import utc_day
 from meter.records import Usage
-from meter.tenancy.store import record_change
+from meter.tenancy.audit import record_change
 
 _t = usage_events.c
 _h = usage_hourly.c

@@ -25,7 +25,7 @@ from meter.billing import TIER_PREFIX, PricedCatalog
 from meter.db.tenancy_models import prices
 from meter.errors import RequestError
 from meter.pricing import Price, PriceRow, from_nanos, to_nanos
-from meter.tenancy.store import Clock, record_change, utc_now
+from meter.tenancy.audit import Clock, record_change, utc_now
 
 TIERS: tuple[str, ...] = (
     "under-4b",

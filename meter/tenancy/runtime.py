@@ -40,11 +40,12 @@ from meter.identity import KeyFingerprinter
 from meter.pricing import PriceRow, default_price_rows
 from meter.quota.policy import Limits, Subject
 from meter.records import Usage, UsageRecord
+from meter.tenancy.audit import current_version
 from meter.tenancy.credentials import UpstreamCredentials
 from meter.tenancy.directory import KeyDirectory
 from meter.tenancy.keys import Resolution, UnknownKeyPolicy
 from meter.tenancy.prices import PriceBook
-from meter.tenancy.store import TenancyStore, current_version
+from meter.tenancy.store import TenancyStore
 
 log = logging.getLogger("meter.tenancy")
 
