@@ -237,7 +237,7 @@ class Proxy:
         self._max_request_bytes = max_request_bytes
         self._on_observe_error = on_observe_error
         self._clock = clock
-        self._settling_on: dict[tuple[Any, ...], asyncio.Future[Any]] = {}  # client connection → settle
+        self._settling_on: dict[tuple[Any, ...] | None, asyncio.Future[Any]] = {}  # connection → settle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         x = _Exchange(scope, self._clock(), time.time_ns())

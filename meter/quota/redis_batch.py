@@ -79,7 +79,7 @@ class ScriptBatcher:
 
     async def _send(self, batch: list[_Call], *, reloaded: bool = False) -> None:
         pool = self._client.connection_pool
-        connection = self._idle.pop() if self._idle else await pool.get_connection()
+        connection = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
         replies: list[Any] = []
         try:
             commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
