@@ -39,7 +39,8 @@ from meter.forward import Upstream, create_upstream
 from meter.health import ROUTES as HEALTH_ROUTES
 from meter.health import ReadinessProbe
 from meter.identity import KeyFingerprinter, load_key_secret
-from meter.journal import Journal, default_journal_root, parse_fsync_policy
+from meter.journal import Journal, default_journal_root
+from meter.journal_sync import parse_fsync_policy
 from meter.metrics import ProxyMetrics, exposition_registry
 from meter.pipeline import Pipeline
 from meter.proxy import Proxy

@@ -345,7 +345,7 @@ def journal_replay_command(directory: str, database_url: str | None, timeout: fl
     stored are not stored twice."""
     from meter.db.engine import create_engine
     from meter.journal import JournalLocked
-    from meter.pipeline import replay
+    from meter.journal_replay import replay
 
     settings = _settings(database_url=database_url)
 

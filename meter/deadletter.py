@@ -1,5 +1,5 @@
 """The dead-letter file: where a usage record goes when it cannot go to the database, so that it is
-never lost silently (meter.pipeline, Rule 3).
+never lost silently (meter.delivery, Rule 1; meter.pipeline, Rule 3).
 
 One JSON object per line, appended and fsynced before the journal checkpoint moves past the record::
 
@@ -9,7 +9,7 @@ One JSON object per line, appended and fsynced before the journal checkpoint mov
      "segment": 3, "offset": 1234, "length": 712, "data_base64": "..."}
 
 ``kind`` is ``rejected`` (the database refused the record's content), ``expired`` (older than the
-raw-event retention, see meter.pipeline Rule 4) or ``corrupt`` (bytes the journal reader skipped).
+raw-event retention, see meter.retention Rule 2) or ``corrupt`` (bytes the journal reader skipped).
 ``record`` is the record's JSON exactly as journaled (meter.payload), so a fixed-up line can be fed
 back; a payload that is not JSON at all is kept as ``data_base64`` instead.
 """

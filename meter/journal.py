@@ -5,28 +5,31 @@ A journal is one directory owned by one process::
     DIR/LOCK                 flock'ed while a process owns DIR; holds "pid=... host=... since=..."
     DIR/checkpoint           {"segment": S, "offset": O}: everything before (S, O) is in the database
     DIR/00000001.seg ...     append-only segment files of frames (format: meter.frames)
-    DIR/dead-letter.jsonl    records the database refused (written by meter.pipeline)
+    DIR/dead-letter.jsonl    records the database refused (written by meter.delivery)
 
-Invariants:
+Invariants (the modules named hold the code, and the details):
 
 Rule 1: :meth:`Journal.append` is one ``os.write`` of a whole frame on an ``O_APPEND`` descriptor:
-        the frame reaches the OS before append returns (it survives the process dying). Durability
-        against power loss comes from fsync: every ``fsync`` seconds from a background thread when
-        something was written, or inside every append with ``fsync="always"``. A failed or short
-        write is cut back off the file, so a frame is either wholly in a segment or not at all.
+        the frame reaches the OS before append returns (it survives the process dying). A failed or
+        short write is cut back off the file, so a frame is either wholly in a segment or not at all
+        (meter.journal_segments). Durability against power loss comes from fsync: every ``fsync``
+        seconds from a background thread when something was written, or inside every append with
+        ``fsync="always"`` (meter.journal_sync).
 Rule 2: frames are only ever appended to the newest segment. A segment rotates (a new file is
-        started) when the next frame would take it past ``segment_bytes``.
+        started) when the next frame would take it past ``segment_bytes`` (meter.journal_segments).
 Rule 3: the checkpoint only moves forward and is replaced atomically (tmp file, fsync, rename, fsync
         of the directory). Segments wholly before it are deleted; a crash between the two deletes
         them at the next open. If a power loss took a segment's unsynced tail while the checkpoint
-        already pointed past it, open starts a new segment, so new frames never hide behind it.
+        already pointed past it, open starts a new segment, so new frames never hide behind it
+        (meter.journal_recovery).
 Rule 4: :meth:`Journal.open` cuts an incomplete frame off the end of the newest segment (a crash mid
-        write; meter.frames, Rule 3), so appends after a restart continue on a frame boundary.
+        write; meter.frames, Rule 3), so appends after a restart continue on a frame boundary
+        (meter.journal_recovery).
 Rule 5: one process per directory: ``flock(LOCK_EX | LOCK_NB)`` on ``DIR/LOCK``. A second opener gets
         :class:`JournalLocked` naming the holder. The kernel releases the lock when the holder dies,
         so a restarted process adopts the journal of a dead one (:meth:`Journal.open_any`).
-Rule 6: "pending" is the number of valid frames after the checkpoint: counted once at open, then
-        kept up to date by append and commit.
+Rule 6: "pending" is the number of valid frames after the checkpoint: counted once at open
+        (meter.journal_recovery), then kept up to date by append and commit.
 
 Failure policy: append raises :class:`OSError` (disk full, I/O error), ``ValueError`` (a record over
 16 MiB) or :class:`JournalClosed`; the caller decides (meter.pipeline keeps the record in memory and
@@ -39,9 +42,7 @@ Thread model: append, rotation and ``end`` belong to one thread (the event loop)
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import errno
 import fcntl
 import json
 import logging
@@ -52,7 +53,6 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
 
 from meter.frames import (
     CHECKPOINT_FILE,
@@ -68,7 +68,6 @@ from meter.frames import (
     event_time,
     file_size,
     list_segments,
-    read_checkpoint,
     read_lock_holder,
     segment_name,
 )
@@ -79,6 +78,9 @@ from meter.journal_inspect import (  # read-only inspection, re-exported for one
     journal_directories,
     journal_status,
 )
+from meter.journal_recovery import recover
+from meter.journal_segments import SegmentWriter
+from meter.journal_sync import DEFAULT_FSYNC_INTERVAL, FsyncPolicy, GroupSync, fsync_dir
 from meter.payload import encode_record
 from meter.records import UsageRecord
 
@@ -101,31 +103,13 @@ __all__ = [
     "is_journal_directory",
     "journal_directories",
     "journal_status",
-    "parse_fsync_policy",
 ]
 
 logger = logging.getLogger(__name__)
 
-FsyncPolicy = float | Literal["always"]  # seconds between group fsyncs, or fsync inside every append
-
-DEFAULT_FSYNC_INTERVAL = 0.1
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 _LOCK_ATTEMPTS = 3  # journal_status probes the lock with a shared flock for microseconds
 _LOCK_RETRY_S = 0.01
-
-
-def parse_fsync_policy(value: str) -> FsyncPolicy:
-    """A setting's text (``"always"`` or a number of milliseconds > 0) as a :data:`FsyncPolicy`."""
-    text = value.strip().lower()
-    if text == "always":
-        return "always"
-    try:
-        millis = float(text)
-    except ValueError:
-        raise ValueError("expected 'always' or an interval in milliseconds") from None
-    if not millis > 0:
-        raise ValueError("the fsync interval must be a positive number of milliseconds")
-    return millis / 1000.0
 
 
 class JournalError(Exception):
@@ -174,29 +158,18 @@ class Journal:
             raise ValueError(f"segment_bytes must be at least 4096, got {segment_bytes}")
         self.directory = directory
         self._lock_fd = lock_fd
-        self._always = fsync == "always"
-        self._interval = 0.0 if fsync == "always" else float(fsync)
         self._segment_bytes = segment_bytes
+        self._sync = GroupSync(directory, fsync)
 
-        # Writer state: touched only by the appending thread (Rule 1, thread model).
-        self._seg = 1
-        self._off = 0
-        self._fd: int | None = None
-        self._broken = False  # a failed write could not be cut back: start a new segment
+        # Writer state: touched only by the appending thread (Rule 1, thread model). open() replaces
+        # the writer with one that continues where recovery found the end.
+        self._writer = SegmentWriter(directory, Position(1, 0), segment_bytes=segment_bytes, sync=self._sync)
         self._closed = False
         self._end = Position(1, 0)
-        self._tail: tuple[int, Position] | None = None  # (fd, end) of the last append, for fsync
 
-        # Shared with the fsync thread and commit (worker threads).
-        self._retired: collections.deque[int] = collections.deque()  # rotated fds, closed after fsync
-        self._dirty = False
-        self._dir_dirty = False
-        self._sync_lock = threading.Lock()
+        # Shared with commit (worker threads).
         self._commit_lock = threading.Lock()
         self._stats_lock = threading.Lock()
-        self._stop_sync = threading.Event()
-        self._sync_thread: threading.Thread | None = None
-        self.sync_error: str | None = None
 
         self._checkpoint = Position(1, 0)
         self._pending = 0
@@ -234,11 +207,7 @@ class Journal:
         except BaseException:
             os.close(lock_fd)
             raise
-        if not journal._always:
-            journal._sync_thread = threading.Thread(
-                target=journal._sync_loop, name=f"meter-journal-fsync:{path.name}", daemon=True
-            )
-            journal._sync_thread.start()
+        journal._sync.start()
         return journal
 
     @classmethod
@@ -263,63 +232,16 @@ class Journal:
         raise JournalError(f"all {max_directories} journal directories under {base} are locked")
 
     def _recover(self) -> None:
-        directory = self.directory
-        segments = list_segments(directory)
-        checkpoint = read_checkpoint(directory)
-        if checkpoint is None:
-            checkpoint = Position(segments[0] if segments else 1, 0)
-        for number in segments:
-            if number < checkpoint.segment:  # consumed; a crash came between checkpoint and unlink
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(directory / segment_name(number))
-        segments = [n for n in segments if n >= checkpoint.segment]
-        self._checkpoint = checkpoint
-
-        pending, oldest = 0, None
-        with JournalReader(directory, checkpoint) as reader:
-            while oldest is None:
-                batch = reader.read(1)
-                pending += batch.frames
-                if batch.entries:
-                    oldest = event_time(batch.entries[0].record)
-                elif not batch.frames and not batch.corrupt:
-                    break
-            while True:
-                batch = reader.read(100_000, mode="count")
-                pending += batch.frames
-                if not batch.frames and not batch.corrupt:
-                    break
-            end = reader.position
-
-        write_seg, write_off = checkpoint.segment, 0
-        if segments:
-            last = segments[-1]
-            path = directory / segment_name(last)
-            size = path.stat().st_size
-            if end.segment == last and end.offset < size:
-                # Rule 4: an incomplete frame from a crash mid-write; cut it off.
-                logger.warning(
-                    "journal %s: cutting %d bytes of an incomplete frame off the end of %s",
-                    directory,
-                    size - end.offset,
-                    path.name,
-                )
-                with open(path, "r+b") as handle:
-                    handle.truncate(end.offset)
-                    os.fsync(handle.fileno())
-                size = end.offset
-            if end.segment == last and end.offset == size and size < self._segment_bytes:
-                write_seg, write_off = last, size  # continue the newest segment
-            else:
-                # Full, or shorter than the checkpoint says (its tail was lost with the power).
-                write_seg = last + 1
-        if Position(write_seg, write_off) < checkpoint:
-            write_seg, write_off = checkpoint.segment + 1, 0
-        self._seg, self._off = write_seg, write_off
-        self._end = Position(write_seg, write_off)
-        self._pending = pending
-        self._oldest = oldest
-        self._disk_bytes = sum(file_size(directory / segment_name(n)) for n in segments)
+        """Take over what is on disk (Rules 3, 4 and 6; meter.journal_recovery)."""
+        found = recover(self.directory, self._segment_bytes)
+        self._checkpoint = found.checkpoint
+        self._writer = SegmentWriter(
+            self.directory, found.write_at, segment_bytes=self._segment_bytes, sync=self._sync
+        )
+        self._end = found.write_at
+        self._pending = found.pending
+        self._oldest = found.oldest_pending_at
+        self._disk_bytes = found.disk_bytes
 
     # -- writing (one thread) ---------------------------------------------------------------------
 
@@ -337,61 +259,16 @@ class Journal:
                 f"usage record {record.event_id} encodes to {len(payload)} bytes; the limit is {MAX_PAYLOAD}"
             )
         frame = encode_frame(payload)
-        fd = self._fd
-        if fd is None or self._broken or (self._off > 0 and self._off + len(frame) > self._segment_bytes):
-            fd = self._roll()
-        try:
-            written = os.write(fd, frame)
-        except OSError:
-            self._cut_back(fd)
-            raise
-        if written != len(frame):
-            self._cut_back(fd)
-            raise OSError(errno.ENOSPC, f"short write to journal segment {segment_name(self._seg)}")
-        self._off += written
-        end = Position(self._seg, self._off)
+        fd, end = self._writer.write(frame)
         self._end = end
-        self._tail = (fd, end)
         with self._stats_lock:
             if self._pending <= 0:
                 self._oldest = event_time(record)
             self._pending += 1
             self._appended += 1
-            self._disk_bytes += written
-        if self._always:
-            os.fsync(fd)
-        else:
-            self._dirty = True
+            self._disk_bytes += len(frame)
+        self._sync.appended(fd, end)
         return end
-
-    def _roll(self) -> int:
-        """Open the write segment: the current one on first use, else the next one (Rule 2)."""
-        if self._fd is not None:
-            self._retired.append(self._fd)  # fsynced and closed by the next sync pass
-            self._fd = None
-            self._seg += 1
-            self._off = 0
-            self._broken = False
-        fd = os.open(
-            self.directory / segment_name(self._seg),
-            os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC,
-            0o644,
-        )
-        self._fd = fd
-        if self._always:
-            _fsync_dir(self.directory)
-        else:
-            self._dir_dirty = True
-        return fd
-
-    def _cut_back(self, fd: int) -> None:
-        try:
-            os.ftruncate(fd, self._off)
-        except OSError as exc:
-            logger.error(
-                "journal %s: cannot cut a failed write back (%s); starting a new segment", self.directory, exc
-            )
-            self._broken = True
 
     @property
     def end(self) -> Position:
@@ -414,6 +291,11 @@ class Journal:
     def closed(self) -> bool:
         return self._closed
 
+    @property
+    def sync_error(self) -> str | None:
+        """The last background fsync failure, until an fsync succeeds again."""
+        return self._sync.error
+
     def stats(self) -> JournalStats:
         with self._stats_lock:
             return JournalStats(
@@ -430,35 +312,7 @@ class Journal:
 
     def sync(self) -> None:
         """fsync everything appended so far (and rotated segments, and new directory entries)."""
-        with self._sync_lock:
-            tail = self._tail
-            self._dirty = False
-            keep: list[int] = []
-            while self._retired:
-                fd = self._retired.popleft()
-                os.fsync(fd)
-                if tail is not None and fd == tail[0]:
-                    keep.append(fd)  # the appender has not yet moved its tail to the new segment
-                else:
-                    os.close(fd)
-            self._retired.extendleft(keep)
-            if self._dir_dirty:
-                self._dir_dirty = False
-                _fsync_dir(self.directory)
-            if tail is not None:
-                os.fsync(tail[0])  # never closed while it is the tail (see above)
-
-    def _sync_loop(self) -> None:
-        while not self._stop_sync.wait(self._interval):
-            if not (self._dirty or self._retired or self._dir_dirty):
-                continue
-            try:
-                self.sync()
-            except OSError as exc:
-                self.sync_error = f"fsync failed: {exc}"
-                logger.error("journal %s: %s", self.directory, self.sync_error)
-            else:
-                self.sync_error = None
+        self._sync.sync()
 
     # -- reading and consuming (any thread) --------------------------------------------------------
 
@@ -532,21 +386,13 @@ class Journal:
         if self._closed:
             return
         self._closed = True
-        self._stop_sync.set()
-        if self._sync_thread is not None:
-            self._sync_thread.join()
+        self._sync.stop()
         with self._commit_lock:
             try:
                 self.sync()
             except OSError as exc:
                 logger.error("journal %s: final fsync failed: %s", self.directory, exc)
-            with self._sync_lock:
-                for fd in {*self._retired, *([self._fd] if self._fd is not None else [])}:
-                    with contextlib.suppress(OSError):
-                        os.close(fd)
-                self._retired.clear()
-                self._fd = None
-                self._tail = None
+            self._writer.close()
             try:
                 if self._pending == 0 and self._checkpoint >= self._end:
                     self._tidy()
@@ -578,14 +424,6 @@ class Journal:
 # -- files ------------------------------------------------------------------------------------------
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_checkpoint(directory: Path, position: Position) -> None:
     tmp = directory / (CHECKPOINT_FILE + ".tmp")
     data = json.dumps({"segment": position.segment, "offset": position.offset}).encode()
@@ -596,7 +434,7 @@ def _write_checkpoint(directory: Path, position: Position) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, directory / CHECKPOINT_FILE)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def _acquire_lock(directory: Path) -> int:

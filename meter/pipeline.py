@@ -2,11 +2,11 @@
 
 :meth:`Pipeline.submit` appends the record to the :class:`~meter.journal.Journal` (one ``write``
 syscall; the record has reached the OS when it returns) and wakes the pump. The pump, one background
-task, reads batches from the journal's checkpoint on, writes each batch with
-:func:`~meter.db.writer.write_isolating` (idempotent on ``event_id``, hourly rollup in the same
-transaction), and only after that transaction committed advances the journal checkpoint. A crash
-between the two replays the batch, which the idempotent insert turns into a no-op: at-least-once
-delivery plus an idempotent write is exactly once.
+task, reads batches from the journal's checkpoint on, hands each to :class:`~meter.delivery.Delivery`
+(written idempotently on ``event_id``, hourly rollup in the same transaction, or dead-lettered), and
+only after that settled advances the journal checkpoint. A crash between the two replays the batch,
+which the idempotent insert turns into a no-op: at-least-once delivery plus an idempotent write is
+exactly once.
 
 Invariants:
 
@@ -16,34 +16,25 @@ Rule 2: at most ``concurrency`` batches (``batch_size`` records each) are in mem
         parses and indexes each on its own backend, so a second one uses a second core); their
         checkpoints are committed strictly in journal order.
 Rule 3: the checkpoint moves past a record only once the database has it, or it is in the
-        dead-letter file (JSON lines in the journal directory by default) with the reason.
-Rule 4: with ``retention_days`` set, raw events older than that are deleted (hourly, in chunks; the
-        rollup keeps their sums), and a journaled record already older than that is dead-lettered
-        ("expired") instead of written: once its raw row may have been deleted, the insert can no
-        longer tell a replay from a first write, and writing it could count it twice.
+        dead-letter file (JSON lines in the journal directory by default) with the reason
+        (meter.delivery, Rule 1).
+Rule 4: with ``retention_days`` set, old raw events are deleted and a journaled record already past
+        retention is dead-lettered instead of written (meter.retention).
 
 Failure policy (fail-open for requests; every fallback counted):
 
-* Database unreachable or refusing statements (missing table, read-only, timeouts): the batch is
-  retried with exponential backoff (``retry_initial`` doubling to ``retry_max`` seconds) for as long
-  as it takes; records keep accumulating in the journal. ``meter_writer_errors_total`` counts
-  attempts; :meth:`Pipeline.status` reports ``database_ok: false`` and the last error.
-* A record the database refuses for its content (SQLSTATE class 22/23, or a value the driver cannot
-  encode): isolated by bisection, dead-lettered (``meter_journal_dead_lettered_total{reason=
-  "rejected"}``), the rest of the batch written.
-* A damaged journal frame: skipped by the reader, dead-lettered with its bytes
-  (``reason="corrupt"``).
+* The database failing or refusing records, damaged journal frames, an unwritable dead-letter file:
+  see meter.delivery. The batch is retried until settled; the checkpoint waits for it, and
+  :meth:`Pipeline.status` reports ``database_ok: false`` and the last error meanwhile.
 * The journal cannot be appended to (disk full, I/O error): the record is kept in memory, up to
   ``max_memory`` records, and the pump writes it straight to the database
   (``meter_journal_append_errors_total``). Such records are NOT durable: a crash before the write
   loses them. Beyond ``max_memory`` records are dropped and counted in
   ``meter_journal_dropped_events_total``. :meth:`Pipeline.readiness` reports not ready meanwhile.
-* The dead-letter file cannot be written: like a database failure, the batch is retried and the
-  checkpoint stays where it is.
 * Reading the journal or writing its checkpoint fails (I/O error): retried with backoff; the pump
   waits rather than dies, and :meth:`Pipeline.readiness` reports not ready meanwhile.
 * :meth:`Pipeline.stop` drains what it can within its timeout; the rest stays in the journal for the
-  next start (or ``meter journal replay``).
+  next start (or ``meter journal replay``, meter.journal_replay).
 
 Thread model: :meth:`Pipeline.submit` is called on the event loop thread. Journal reads, commits and
 dead-letter writes run in worker threads (blocking file I/O and fsync).
@@ -54,28 +45,25 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter import deadletter
-from meter.db.engine import describe_error
-from meter.db.rollups import delete_events_before
-from meter.db.writer import WriteOutcome, write_isolating
-from meter.frames import CorruptFrame, JournalReader, ReadBatch
-from meter.journal import DEAD_LETTER_FILE, Journal, JournalLocked, event_time, journal_directories
-from meter.payload import encode_record, json_text, payload_started_at
+from meter.delivery import Delivery, in_thread
+from meter.frames import JournalReader, ReadBatch
+from meter.journal import DEAD_LETTER_FILE, Journal, event_time
+from meter.payload import encode_record, json_text
+from meter.pipeline_metrics import PipelineCounts, PipelineMetrics
+from meter.pipeline_readiness import judge_readiness
 from meter.records import UsageRecord
+from meter.retention import RETENTION_INTERVAL_S, Retention
 
 logger = logging.getLogger(__name__)
 
@@ -84,91 +72,6 @@ T = TypeVar("T")
 DEFAULT_MAX_MEMORY = 100_000
 DEFAULT_POSTGRES_CONCURRENCY = 2
 GAUGE_INTERVAL_S = 1.0
-RETENTION_INTERVAL_S = 3600.0
-BATCH_SIZE_BUCKETS = (1, 10, 50, 100, 250, 500, 1000, 2500, 5000, 10000)
-WRITE_DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
-
-
-class PipelineMetrics:
-    """The pipeline's Prometheus metrics, registered on the registry it is given."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        self.registry = registry
-        # Set explicitly (not through set_function), so that they also work with several workers
-        # recording into prometheus-client's multiprocess files (see meter.metrics).
-        self.pending = Gauge(
-            "meter_journal_pending_events",
-            "Usage records journaled (or held in memory) and not yet in the database.",
-            multiprocess_mode="livesum",
-            registry=registry,
-        )
-        self.oldest_age = Gauge(
-            "meter_journal_oldest_pending_age_seconds",
-            "Age of the oldest pending usage record (since its request ended); 0 when none.",
-            multiprocess_mode="max",
-            registry=registry,
-        )
-        self.written = Counter(
-            "meter_writer_events_written_total",
-            "Usage records confirmed in the database (new or already stored).",
-            registry=registry,
-        )
-        self.duplicates = Counter(
-            "meter_writer_duplicate_events_total",
-            "Of the records written, those already stored (replays after a crash or a replay command).",
-            registry=registry,
-        )
-        self.errors = Counter(
-            "meter_writer_errors_total",
-            "Batch write attempts that failed and will be retried (database unreachable or refusing).",
-            registry=registry,
-        )
-        self.dead_lettered = Counter(
-            "meter_journal_dead_lettered_total",
-            "Usage records moved to the dead-letter file instead of the database, by reason.",
-            ["reason"],
-            registry=registry,
-        )
-        self.append_errors = Counter(
-            "meter_journal_append_errors_total",
-            "Records the journal could not take (kept in memory for the writer instead).",
-            registry=registry,
-        )
-        self.dropped = Counter(
-            "meter_journal_dropped_events_total",
-            "Records lost: journal failing and in-memory fallback full, or pipeline already stopped.",
-            registry=registry,
-        )
-        self.batch_size = Histogram(
-            "meter_writer_batch_size",
-            "Records per database write.",
-            buckets=BATCH_SIZE_BUCKETS,
-            registry=registry,
-        )
-        self.write_duration = Histogram(
-            "meter_writer_write_duration_seconds",
-            "Time to write one batch (its transaction, including rollups and any bisection).",
-            buckets=WRITE_DURATION_BUCKETS,
-            registry=registry,
-        )
-        self.retention_deleted = Counter(
-            "meter_retention_deleted_events_total",
-            "Raw usage events deleted by the retention setting (their rollups are kept).",
-            registry=registry,
-        )
-        for reason in deadletter.KINDS:
-            self.dead_lettered.labels(reason)
-
-
-@dataclass(slots=True)
-class _Counts:
-    written: int = 0
-    inserted: int = 0
-    write_errors: int = 0
-    dead_lettered: int = 0
-    append_errors: int = 0
-    dropped: int = 0
-    read: int = 0
 
 
 class Pipeline:
@@ -208,14 +111,8 @@ class Pipeline:
         if retention_days is not None and retention_days <= 0:
             raise ValueError(f"retention_days must be positive, got {retention_days}")
         self._journal = journal
-        self._engine = engine
         self._batch_size = batch_size
         self._flush_interval = flush_interval
-        self.dead_letter_path = (
-            dead_letter if dead_letter is not None else journal.directory / DEAD_LETTER_FILE
-        )
-        self._retention = timedelta(days=retention_days) if retention_days is not None else None
-        self._retention_interval = retention_interval
         self._retry_initial = retry_initial
         self._retry_max = retry_max
         self._max_memory = max_memory
@@ -240,11 +137,31 @@ class Pipeline:
         self._hurry = 0
         self._append_error: str | None = None  # set while the journal refuses appends
         self._io_error: str | None = None  # set while reading or committing the journal fails
-        self._database_ok: bool | None = None
-        self._last_error: str | None = None
-        self._counts = _Counts()
+        self._counts = PipelineCounts()
 
         self.metrics = PipelineMetrics(registry)
+        self._retention = (
+            Retention(
+                engine,
+                retention_days,
+                clock=clock,
+                deleted=self.metrics.retention_deleted,
+                interval=retention_interval,
+            )
+            if retention_days is not None
+            else None
+        )
+        self._delivery = Delivery(
+            engine,
+            dead_letter=dead_letter if dead_letter is not None else journal.directory / DEAD_LETTER_FILE,
+            journal_directory=journal.directory,
+            retention=self._retention,
+            retry_initial=retry_initial,
+            retry_max=retry_max,
+            clock=clock,
+            metrics=self.metrics,
+            counts=self._counts,
+        )
         self._gauge_task: asyncio.Task[None] | None = None
         self._refresh_gauges()
 
@@ -314,6 +231,15 @@ class Pipeline:
         return self._concurrency
 
     @property
+    def dead_letter_path(self) -> Path:
+        return self._delivery.dead_letter_path
+
+    @property
+    def counts(self) -> PipelineCounts:
+        """This pipeline's tallies since it was created (its status reports them)."""
+        return self._counts
+
+    @property
     def running(self) -> bool:
         return self._task is not None and not self._task.done()
 
@@ -347,45 +273,17 @@ class Pipeline:
             "dead_lettered": self._counts.dead_lettered,
             "append_errors": self._counts.append_errors,
             "dropped": self._counts.dropped,
-            "database_ok": self._database_ok,
-            "last_error": self._last_error,
+            "database_ok": self._delivery.database_ok,
+            "last_error": self._delivery.last_error,
             "journal_ok": not (self._append_error or self._io_error or stats.sync_error),
             "journal_error": self._append_error or self._io_error or stats.sync_error,
             "running": self.running,
         }
 
     def readiness(self, *, min_free_bytes: int = 64 * 1024 * 1024) -> dict[str, Any]:
-        """Whether this process can take traffic without losing usage records.
-
-        Ready while the journal can absorb a database outage: the pump runs, the journal accepts and
-        fsyncs appends, and its disk has ``min_free_bytes`` free. A database outage alone leaves it
-        ready (the reason says so, with the backlog); the caller may add its own database ping.
-        """
-        status = self.status()
-        problems: list[str] = []
-        if not status["running"]:
-            problems.append("usage pipeline not running")
-        if not status["journal_ok"]:
-            problems.append(f"journal failing: {status['journal_error']}")
-        try:
-            free = _free_bytes(self._journal.directory)
-        except OSError as exc:
-            problems.append(f"journal disk unreadable: {exc}")
-            free = 0
-        else:
-            if free < min_free_bytes:
-                problems.append(f"journal disk almost full ({free} bytes free)")
-        status["disk_free_bytes"] = free
-        if problems:
-            reason = "; ".join(problems)
-        elif status["database_ok"] is False:
-            reason = (
-                f"database unavailable ({status['last_error']}); journal absorbing "
-                f"{status['pending']} events, oldest {status['oldest_pending_age_s']}s"
-            )
-        else:
-            reason = "ok"
-        return {"ready": not problems, "reason": reason, "pipeline": status}
+        """Whether this process can take traffic without losing usage records; the rules are in
+        meter.pipeline_readiness."""
+        return judge_readiness(self.status(), self._journal.directory, min_free_bytes=min_free_bytes)
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -401,7 +299,7 @@ class Pipeline:
         self._task.add_done_callback(_log_death)
         self._gauge_task = asyncio.create_task(self._gauge_loop(), name="meter-journal-gauges")
         if self._retention is not None:
-            self._retention_task = asyncio.create_task(self._retention_loop(), name="meter-retention")
+            self._retention_task = asyncio.create_task(self._retention.loop(), name="meter-retention")
 
     async def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything submitted so far (and everything the journal held at start) is in
@@ -531,7 +429,7 @@ class Pipeline:
                     continue
                 self._counts.read += len(batch.payloads)
                 task = asyncio.create_task(
-                    self._deliver(batch.payloads, batch.corrupt), name="meter-journal-write"
+                    self._delivery.deliver(batch.payloads, batch.corrupt), name="meter-journal-write"
                 )
                 inflight.append((task, batch))
         finally:
@@ -547,7 +445,7 @@ class Pipeline:
         delay = self._retry_initial
         while True:
             try:
-                result = await _in_thread(fn, *args)
+                result = await in_thread(fn, *args)
             except OSError as exc:
                 self._io_error = f"cannot {what}: {exc}"
                 logger.error(
@@ -561,208 +459,22 @@ class Pipeline:
 
     async def _write_memory(self) -> None:
         records = list(islice(self._memory, self._batch_size))
-        await self._deliver([encode_record(record) for record in records], [])
+        await self._delivery.deliver([encode_record(record) for record in records], [])
         for _ in records:
             self._memory.popleft()
         self._refresh_gauges()
 
-    async def _deliver(self, payloads: list[bytes], corrupt: list[CorruptFrame]) -> None:
-        """Write ``payloads`` and dead-letter what must be, retrying until both succeeded (Rule 3)."""
-        payloads, expired = self._split_expired(payloads)
-        delay = self._retry_initial
-        while True:
-            started = time.perf_counter()
-            try:
-                outcome = await write_isolating(self._engine, payloads)
-                letters = self._dead_letters(outcome, corrupt, expired)
-                if letters:
-                    await _in_thread(
-                        deadletter.append_lines, self.dead_letter_path, [line for _, line in letters]
-                    )
-            except Exception as exc:
-                self._counts.write_errors += 1
-                self.metrics.errors.inc()
-                self._database_ok = False
-                self._last_error = describe_error(exc)
-                logger.warning(
-                    "writing %d usage records failed (%s); retrying in %.2gs",
-                    len(payloads),
-                    self._last_error,
-                    delay,
-                )
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, self._retry_max)
-                continue
-            break
-        elapsed = time.perf_counter() - started
-        self._database_ok = True
-        self._last_error = None
-        if payloads:
-            self.metrics.batch_size.observe(len(payloads))
-            self.metrics.write_duration.observe(elapsed)
-        self._counts.written += outcome.written
-        self._counts.inserted += outcome.inserted
-        self.metrics.written.inc(outcome.written)
-        self.metrics.duplicates.inc(outcome.written - outcome.inserted)
-        for reason, _ in letters:
-            self.metrics.dead_lettered.labels(reason).inc()
-        self._counts.dead_lettered += len(letters)
-
-    def _split_expired(self, payloads: list[bytes]) -> tuple[list[bytes], list[bytes]]:
-        if self._retention is None:
-            return payloads, []
-        cutoff = datetime.fromtimestamp(self._clock(), UTC) - self._retention
-        live: list[bytes] = []
-        expired: list[bytes] = []
-        for payload in payloads:
-            try:
-                started = payload_started_at(payload)
-            except ValueError:
-                live.append(payload)  # not a record at all: the writer will reject it
-                continue
-            started = started.replace(tzinfo=UTC) if started.tzinfo is None else started
-            (expired if started < cutoff else live).append(payload)
-        return live, expired
-
-    def _dead_letters(
-        self, outcome: WriteOutcome, corrupt: list[CorruptFrame], expired: list[bytes]
-    ) -> list[tuple[str, bytes]]:
-        at = datetime.fromtimestamp(self._clock(), UTC).isoformat()
-        letters: list[tuple[str, bytes]] = []
-        for payload, exc in outcome.rejected:
-            reason = describe_error(exc)
-            line = deadletter.record_line(at, "rejected", reason, payload)
-            logger.error("usage record rejected by the database (%s); dead-lettered: %s", reason, line[:300])
-            letters.append(("rejected", line))
-        for payload in expired:
-            reason = f"started before the raw-event retention window ({self._retention}); not written"
-            letters.append(("expired", deadletter.record_line(at, "expired", reason, payload)))
-        for frame in corrupt:
-            logger.error(
-                "journal %s: skipped %d damaged bytes at segment %d offset %d (%s); dead-lettered",
-                self._journal.directory,
-                frame.length,
-                frame.segment,
-                frame.offset,
-                frame.reason,
-            )
-            letters.append(("corrupt", deadletter.corrupt_line(at, self._journal.directory, frame)))
-        return letters
-
     async def run_retention(self) -> int:
-        """Delete raw events older than ``retention_days`` now (Rule 4); returns how many. The
-        background task calls this at start and every ``retention_interval`` seconds."""
-        if self._retention is None:
-            return 0
-        cutoff = datetime.fromtimestamp(self._clock(), UTC) - self._retention
-        deleted = await delete_events_before(self._engine, cutoff)
-        self.metrics.retention_deleted.inc(deleted)
-        if deleted:
-            logger.info("retention: deleted %d raw usage events that started before %s", deleted, cutoff)
-        return deleted
-
-    async def _retention_loop(self) -> None:
-        while True:
-            try:
-                await self.run_retention()
-            except Exception as exc:
-                logger.warning(
-                    "raw-event retention failed (%s); retrying in %gs",
-                    describe_error(exc),
-                    self._retention_interval,
-                )
-            await asyncio.sleep(self._retention_interval)
-
-
-# -- replay of a dead process's journal -------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class ReplayResult:
-    directories: list[Path] = field(default_factory=list)  # journals drained (or attempted)
-    skipped_locked: list[Path] = field(default_factory=list)  # owned by a live process: left alone
-    read: int = 0  # records read from the journals
-    written: int = 0  # confirmed in the database
-    inserted: int = 0  # of written, new (the rest were already stored)
-    dead_lettered: int = 0
-    remaining: int = 0  # still pending when replay gave up (timeout); 0 means fully drained
-
-
-async def replay(
-    directory: Path | str,
-    engine: AsyncEngine,
-    *,
-    timeout: float | None = None,
-    batch_size: int = 1000,
-    retention_days: float | None = None,
-    retry_max: float = 5.0,
-) -> ReplayResult:
-    """Drain the journal at ``directory`` (or every ``w<N>`` journal under it) into the database.
-
-    Takes each journal's lock, so it never races a live owner: a single journal directory that is
-    locked raises :class:`~meter.journal.JournalLocked`; under a root, locked subdirectories are
-    skipped and listed. Idempotent: replaying a journal twice inserts nothing the second time.
-    Waits through database outages for up to ``timeout`` seconds (forever if None), then leaves the
-    rest in the journal and reports it in ``remaining``.
-    """
-    base = Path(directory)
-    if not base.is_dir():
-        raise FileNotFoundError(f"no journal directory at {base}")
-    deadline = None if timeout is None else time.monotonic() + timeout
-    result = ReplayResult()
-    for path in journal_directories(base):
-        try:
-            journal = await asyncio.to_thread(Journal.open, path, create=False)
-        except JournalLocked:
-            if path == base:
-                raise
-            result.skipped_locked.append(path)
-            continue
-        result.directories.append(path)
-        pipeline = Pipeline(
-            journal,
-            engine,
-            registry=CollectorRegistry(),
-            batch_size=batch_size,
-            flush_interval=0,
-            retention_days=retention_days,
-            retry_max=retry_max,
-        )
-        await pipeline.start()
-        left = None if deadline is None else max(0.0, deadline - time.monotonic())
-        drained = await pipeline.flush(timeout=left)
-        await pipeline.stop(timeout=10.0 if drained else 0.0)
-        counts = pipeline._counts
-        result.read += counts.read
-        result.written += counts.written
-        result.inserted += counts.inserted
-        result.dead_lettered += counts.dead_lettered
-        result.remaining += pipeline.pending
-    return result
+        """Delete raw events older than ``retention_days`` now (meter.retention); returns how many.
+        The background task does this at start and every ``retention_interval`` seconds."""
+        return 0 if self._retention is None else await self._retention.run()
 
 
 # -- helpers ----------------------------------------------------------------------------------------
 
 
-async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
-    """``asyncio.to_thread`` whose thread is waited for even if the caller is cancelled, so that a
-    cancelled pump never leaves a journal read or commit running while the journal is closed."""
-    future = asyncio.ensure_future(asyncio.to_thread(fn, *args))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await future
-        raise
-
-
 def _record_json(record: UsageRecord) -> bytes:
     return json_text(encode_record(record))
-
-
-def _free_bytes(path: Path) -> int:
-    stats = os.statvfs(path)
-    return stats.f_bavail * stats.f_frsize
 
 
 def _log_death(task: asyncio.Task[None]) -> None:

@@ -26,8 +26,8 @@ from meter.journal import (
     JournalClosed,
     JournalLocked,
     journal_status,
-    parse_fsync_policy,
 )
+from meter.journal_sync import parse_fsync_policy
 from meter.payload import decode_record, encode_record
 from meter.records import Outcome, UsageRecord, UsageSource
 from tests.conftest_db import every_field_record, make_record

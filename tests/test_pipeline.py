@@ -26,7 +26,8 @@ from meter.db.queries import usage_summary
 from meter.db.writer import write_batch
 from meter.frames import segment_name
 from meter.journal import Journal, JournalLocked, journal_status
-from meter.pipeline import Pipeline, replay
+from meter.journal_replay import replay
+from meter.pipeline import Pipeline
 from meter.records import UsageRecord
 from tests.conftest_db import make_record
 from tests.test_rollups import assert_rollup_equals_raw, dataset

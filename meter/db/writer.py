@@ -1,8 +1,8 @@
 """Writing usage records into ``usage_events`` (and the ``usage_hourly`` rollup), idempotently.
 
-:func:`write_payloads` and :func:`write_batch` are the primitives every writer uses (meter.pipeline's
-journal pump, replay, and the in-memory :class:`BatchWriter` below); :func:`write_isolating` adds
-poison isolation on top.
+:func:`write_payloads` and :func:`write_batch` are the primitives every writer uses (meter.delivery
+for the pipeline's journal pump and replay, and the in-memory :class:`BatchWriter` below);
+:func:`write_isolating` adds poison isolation on top.
 
 On PostgreSQL a batch is one statement with one parameter: the records' JSON payloads (exactly as
 the journal holds them, :mod:`meter.payload`) joined into a JSON array, which the server turns into
