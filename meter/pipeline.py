@@ -3,7 +3,7 @@
 :meth:`Pipeline.submit` appends the record to the :class:`~meter.journal.Journal` (one ``write``
 syscall; the record has reached the OS when it returns) and wakes the pump. The pump, one background
 task, reads batches from the journal's checkpoint on, writes each batch with
-:func:`~meter.db.writer.write_isolating` (idempotent on ``event_id``, hourly rollup in the same
+:func:`~meter.db.poison.write_isolating` (idempotent on ``event_id``, hourly rollup in the same
 transaction), and only after that transaction committed advances the journal checkpoint. A crash
 between the two replays the batch, which the idempotent insert turns into a no-op: at-least-once
 delivery plus an idempotent write is exactly once.
@@ -70,8 +70,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import deadletter
 from meter.db.engine import describe_error
+from meter.db.poison import WriteOutcome, write_isolating
 from meter.db.rollups import delete_events_before
-from meter.db.writer import WriteOutcome, write_isolating
 from meter.frames import CorruptFrame, JournalReader, ReadBatch
 from meter.journal import DEAD_LETTER_FILE, Journal, JournalLocked, event_time, journal_directories
 from meter.payload import encode_record, json_text, payload_started_at
