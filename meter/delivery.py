@@ -7,7 +7,7 @@ may move the journal checkpoint past it (meter.pipeline, Rule 3).
 Invariants:
 
 Rule 1: :meth:`Delivery.deliver` returns only once every record it was given is either confirmed
-        in the database (by :func:`~meter.db.writer.write_isolating`: idempotent on ``event_id``,
+        in the database (by :func:`~meter.db.poison.write_isolating`: idempotent on ``event_id``,
         hourly rollup in the same transaction) or appended and fsynced to the dead-letter file
         (meter.deadletter) with its reason. Until then it retries; it never gives a record up.
 Rule 2: with raw-event retention, a record that started before the cutoff is dead-lettered
@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import deadletter
 from meter.db.engine import describe_error
-from meter.db.writer import WriteOutcome, write_isolating
+from meter.db.poison import WriteOutcome, write_isolating
 from meter.frames import CorruptFrame
 from meter.pipeline_metrics import PipelineCounts, PipelineMetrics
 from meter.retention import Retention

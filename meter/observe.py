@@ -32,7 +32,7 @@ Cost per streamed chunk: one scan of the new bytes for line ends, one ``orjson.l
 payload, a few dict lookups. Buffered data is never re-scanned.
 
 Fast path (templates): after a content chunk has been decoded the long way, the observer learns its
-shape (:class:`~meter.extract.ChunkTemplate`: the bytes around its text, and around a Responses
+shape (:class:`~meter.chunk_templates.ChunkTemplate`: the bytes around its text, and around a Responses
 event's sequence number). A later chunk that is one or more whole events of that shape, arriving at
 an event boundary, is counted by checking its fixed bytes and reading only its text's string literal:
 a token stream's chunks are nearly all like that (same id, model and created time, one token of text).
@@ -52,18 +52,12 @@ from dataclasses import dataclass, field
 
 import orjson
 
-from meter.extract import (
-    Endpoint,
-    ResponseFacts,
-    chars_to_tokens,
-    chunk_template,
-    delta_template,
-    endpoint_of,
-    fireworks_metrics,
-    first_known,
-)
-from meter.records import Usage, UsageSource
+from meter.chunk_templates import chunk_template, delta_template
+from meter.extract import Endpoint, ResponseFacts, endpoint_of
+from meter.fireworks_metrics import fireworks_metrics
+from meter.records import Usage, UsageSource, first_known
 from meter.sse import SSEDecoder, SSEEvent
+from meter.token_estimate import chars_to_tokens
 
 __all__ = ["Observation", "ResponseObserver"]
 
@@ -90,7 +84,7 @@ class Observation:
     streamed: bool = False
 
 
-# A learnt template (meter.extract.ChunkTemplate) with its SSE framing, as (prefix, middle, suffix,
+# A learnt template (meter.chunk_templates.ChunkTemplate) with its SSE framing, as (prefix, middle, suffix,
 # base, suffix + blank line): an event of its shape is ``prefix + contents + suffix``, or ``prefix +
 # digits + middle + contents + suffix``, where ``contents`` is a string literal's inside: prefix (or
 # middle) ends with its opening quote, suffix starts with its closing one.

@@ -23,6 +23,9 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from decimal import Decimal
+from typing import TypeVar
+
+_T = TypeVar("_T")
 
 
 class UsageSource(enum.StrEnum):
@@ -53,6 +56,11 @@ class Usage:
     @property
     def is_empty(self) -> bool:
         return self.prompt_tokens is None and self.completion_tokens is None and self.total_tokens is None
+
+
+def first_known(value: _T | None, fallback: _T | None) -> _T | None:
+    """``value`` unless it is None (unlike ``or``, a reported 0 is kept)."""
+    return value if value is not None else fallback
 
 
 def _new_id_source() -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from meter.extract import estimate_prompt_tokens
+from meter.token_estimate import estimate_prompt_tokens
 
 
 @dataclass(frozen=True, slots=True)

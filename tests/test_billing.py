@@ -25,8 +25,8 @@ from meter.billing import BillingReport, month_range
 from meter.cli_manage import COMMANDS
 from meter.db import migrate
 from meter.db.engine import create_engine
+from meter.db.insert import write_batch
 from meter.db.models import record_to_row, usage_events, usage_hourly
-from meter.db.writer import write_batch
 from meter.identity import KeyFingerprinter
 from meter.pricing import from_nanos
 from meter.records import UsageRecord

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from meter.db.insert import write_batch
 from meter.db.queries import GROUPS, recent_requests, usage_summary
-from meter.db.writer import write_batch
 from meter.records import Outcome, UsageRecord, UsageSource
 from tests.conftest_db import make_record
 

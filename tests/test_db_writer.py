@@ -18,8 +18,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db import migrate
 from meter.db.engine import create_engine
+from meter.db.insert import write_batch
 from meter.db.models import row_to_record, usage_events
-from meter.db.writer import BatchWriter, PendingOverflowError, RecordRejectedError, write_batch
+from meter.db.writer import BatchWriter, PendingOverflowError, RecordRejectedError
 from meter.records import UsageRecord
 from tests.conftest_db import (
     create_database,

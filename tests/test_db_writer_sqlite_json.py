@@ -21,10 +21,11 @@ from sqlalchemy import select, text
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.db import writer as db_writer
+from meter.db import insert, poison, sqlite_json
+from meter.db.insert import write_batch, write_payloads
 from meter.db.models import RECORD_FIELDS, make_storable, record_to_row, row_to_record, usage_events
+from meter.db.poison import write_isolating
 from meter.db.types import UtcDateTime
-from meter.db.writer import write_batch, write_isolating, write_payloads
 from meter.payload import FALLBACK_MARK, decode_row, encode_record
 from meter.records import UsageRecord
 from tests.conftest_db import every_field_record, make_record, migrated_engine
@@ -147,11 +148,11 @@ def expected(record: UsageRecord) -> UsageRecord:
 
 def test_edge_records_take_the_json_path() -> None:
     records = edge_records()
-    assert db_writer._records_document(records) is not None
+    assert sqlite_json.records_document(records) is not None
     payloads = [encode_record(record) for record in records]
     assert all(payload[:1] == b"{" for payload in payloads)
-    assert all(db_writer._plain_payload_row(payload) is not None for payload in payloads)
-    assert db_writer._payloads_document(payloads) == db_writer._records_document(records)
+    assert all(sqlite_json._plain_payload_row(payload) is not None for payload in payloads)
+    assert sqlite_json.payloads_document(payloads) == sqlite_json.records_document(records)
 
 
 @pytest.mark.parametrize("via", ["payloads", "records"])
@@ -163,9 +164,7 @@ async def test_edge_records_round_trip_and_store_the_same_bytes_as_the_binding_p
         assert await write_payloads(sqlite_engine, [encode_record(r) for r in records]) == len(records)
     else:
         assert await write_batch(sqlite_engine, records) == len(records)
-    assert await db_writer._write_rows(other_sqlite_engine, [record_to_row(r) for r in records]) == len(
-        records
-    )
+    assert await insert._write_rows(other_sqlite_engine, [record_to_row(r) for r in records]) == len(records)
 
     back = await stored_records(sqlite_engine)
     assert back == {r.event_id: expected(r) for r in records}
@@ -197,7 +196,7 @@ async def test_floats_round_trip_exactly(sqlite_engine: AsyncEngine) -> None:
 async def test_rollups_equal_raw_sums_after_duplicate_deliveries(sqlite_engine: AsyncEngine) -> None:
     records = dataset(900, seed=11)
     payloads = [encode_record(r) for r in records]
-    assert db_writer._payloads_document(payloads) is not None
+    assert sqlite_json.payloads_document(payloads) is not None
     assert await write_payloads(sqlite_engine, payloads[:300]) == 300
     assert await write_payloads(sqlite_engine, payloads[:300]) == 0  # a whole batch replayed
     assert await write_payloads(sqlite_engine, payloads[200:500]) == 200  # half old, half new
@@ -221,7 +220,7 @@ async def test_replays_change_nothing_byte_for_byte(
     await write_payloads(sqlite_engine, payloads)
     await write_payloads(sqlite_engine, payloads[::-1])
     await write_batch(sqlite_engine, records[100:])
-    await db_writer._write_rows(other_sqlite_engine, [make_storable(decode_row(p)) for p in payloads])
+    await insert._write_rows(other_sqlite_engine, [make_storable(decode_row(p)) for p in payloads])
     for table in ("usage_events", "usage_hourly"):
         assert await raw_rows(sqlite_engine, table) == await raw_rows(other_sqlite_engine, table)
 
@@ -274,15 +273,15 @@ async def test_unusual_payloads_get_the_binding_paths_outcome(
     the same records stored (the same bytes), the same rejected, or the same error raised."""
     payload, json_path = UNUSUAL_PAYLOADS[name]
     odd = payload(make_record())
-    assert (db_writer._payloads_document([odd]) is not None) is json_path
+    assert (sqlite_json.payloads_document([odd]) is not None) is json_path
     plain = [encode_record(make_record()) for _ in range(5)]
     batch = [*plain[:2], odd, *plain[2:]]
     got = await outcome_of(write_isolating(sqlite_engine, batch))
 
     async def binding(engine: AsyncEngine, batch: Sequence[bytes]) -> int:  # write_payloads before
-        return await db_writer._write_rows(engine, [make_storable(decode_row(p)) for p in batch])
+        return await insert._write_rows(engine, [make_storable(decode_row(p)) for p in batch])
 
-    monkeypatch.setattr(db_writer, "write_payloads", binding)
+    monkeypatch.setattr(poison, "write_payloads", binding)
     assert got == await outcome_of(write_isolating(other_sqlite_engine, batch))
     for table in ("usage_events", "usage_hourly"):
         assert await raw_rows(sqlite_engine, table) == await raw_rows(other_sqlite_engine, table)
@@ -290,7 +289,7 @@ async def test_unusual_payloads_get_the_binding_paths_outcome(
 
 async def outcome_of(write: Any) -> tuple[Any, ...]:
     try:
-        outcome: db_writer.WriteOutcome = await write
+        outcome: poison.WriteOutcome = await write
     except Exception as exc:
         return ("raised", type(exc), type(getattr(exc, "orig", None)))
     return (outcome.written, outcome.inserted, [(p, type(e)) for p, e in outcome.rejected])
@@ -328,7 +327,7 @@ METRICS = {"a": 1.0}
     ],
 )
 def test_unusual_records_take_the_binding_path(record: UsageRecord) -> None:
-    assert db_writer._records_document([make_record(), record]) is None
+    assert sqlite_json.records_document([make_record(), record]) is None
 
 
 # -- started_at's stored text ------------------------------------------------------------------------
@@ -351,10 +350,10 @@ def sqlalchemy_text(moment: datetime) -> str:
     )
 )
 def test_stored_time_text_is_sqlalchemys(moment: datetime) -> None:
-    assert db_writer.utc_text(moment) == sqlalchemy_text(moment)
-    assert db_writer._stored_time(moment.isoformat()) == sqlalchemy_text(moment)
+    assert sqlite_json.utc_text(moment) == sqlalchemy_text(moment)
+    assert sqlite_json._stored_time(moment.isoformat()) == sqlalchemy_text(moment)
     iso = orjson.loads(orjson.dumps(moment))  # as a payload holds it
-    assert db_writer._stored_time(iso) == sqlalchemy_text(datetime.fromisoformat(iso))
+    assert sqlite_json._stored_time(iso) == sqlalchemy_text(datetime.fromisoformat(iso))
 
 
 @pytest.mark.parametrize(
@@ -379,4 +378,4 @@ def test_stored_time_text_is_sqlalchemys(moment: datetime) -> None:
     ],
 )
 def test_stored_time_of_other_iso_spellings(iso: str) -> None:
-    assert db_writer._stored_time(iso) == sqlalchemy_text(datetime.fromisoformat(iso))
+    assert sqlite_json._stored_time(iso) == sqlalchemy_text(datetime.fromisoformat(iso))

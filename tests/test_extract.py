@@ -8,19 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meter.extract import (
-    Endpoint,
-    FireworksMetrics,
-    ResponseFacts,
-    chars_to_tokens,
-    endpoint_of,
-    error_message,
-    estimate_prompt_tokens,
-    fireworks_metrics,
-    perf_metrics,
-    usage_from_json,
-)
+from meter.extract import Endpoint, ResponseFacts, endpoint_of, error_message, usage_from_json
+from meter.fireworks_metrics import FireworksMetrics, fireworks_metrics, perf_metrics
 from meter.records import Usage
+from meter.token_estimate import chars_to_tokens, estimate_prompt_tokens
 
 # --- usage objects ----------------------------------------------------------------------------------
 

@@ -685,7 +685,15 @@ def test_never_raises_on_arbitrary_bytes(
 
 # --- purity --------------------------------------------------------------------------------------------
 
-PURE = ["meter/sse.py", "meter/extract.py", "meter/observe.py", "meter/records.py"]
+PURE = [
+    "meter/sse.py",
+    "meter/extract.py",
+    "meter/fireworks_metrics.py",
+    "meter/token_estimate.py",
+    "meter/chunk_templates.py",
+    "meter/observe.py",
+    "meter/records.py",
+]
 FORBIDDEN = {"litestar", "httpx", "aiohttp", "sqlalchemy"}
 
 
@@ -705,7 +713,8 @@ def test_pure_modules_import_only_stdlib_orjson_and_meter(path: str) -> None:
 
 def test_importing_the_tap_loads_no_framework() -> None:
     code = (
-        "import sys, meter.sse, meter.extract, meter.observe, meter.records\n"
+        "import sys, meter.sse, meter.extract, meter.fireworks_metrics, meter.token_estimate,"
+        " meter.chunk_templates, meter.observe, meter.records\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
     )
     result = subprocess.run(

@@ -1,5 +1,5 @@
 """The tap's fast paths against its general ones: the SSE decoder's whole-event shortcut and the
-observer's chunk templates (meter.extract.ChunkTemplate) must give exactly the Observation (timing
+observer's chunk templates (meter.chunk_templates.ChunkTemplate) must give exactly the Observation (timing
 included) and the events the long way gives, on the recorded fixtures however they are split, and
 on chunks built to look almost like a template's."""
 
@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.extract import chunk_template, delta_template
+from meter.chunk_templates import chunk_template, delta_template
 from meter.observe import Observation, ResponseObserver
 from meter.sse import SSEDecoder, SSEEvent
 from tests.test_observe import CASES, IDS, SSE, split_at, untimed

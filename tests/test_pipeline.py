@@ -21,9 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db import migrate
 from meter.db.engine import create_engine
+from meter.db.insert import write_batch
 from meter.db.models import usage_events
 from meter.db.queries import usage_summary
-from meter.db.writer import write_batch
 from meter.frames import segment_name
 from meter.journal import Journal, JournalLocked, journal_status
 from meter.journal_replay import replay

@@ -20,7 +20,7 @@ from click.testing import CliRunner, Result
 from meter.cli_manage import COMMANDS
 from meter.db import migrate
 from meter.db.engine import create_engine
-from meter.db.writer import write_batch
+from meter.db.insert import write_batch
 from meter.quota.policy import Estimate, Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.store import Reservation

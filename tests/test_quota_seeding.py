@@ -12,7 +12,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.db.writer import write_batch
+from meter.db.insert import write_batch
 from meter.quota.policy import Spend, Subject, period_window
 from meter.quota.seeding import period_spend
 from meter.records import UsageRecord, UsageSource

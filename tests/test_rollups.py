@@ -16,10 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db import migrate
 from meter.db.engine import create_engine
+from meter.db.insert import write_batch
 from meter.db.models import record_to_row, usage_events, usage_hourly
 from meter.db.queries import GROUPS, usage_summary
 from meter.db.rollups import delete_events_before, hour_of, is_hour_aligned
-from meter.db.writer import write_batch
 from meter.records import Outcome, UsageRecord, UsageSource
 from tests.conftest_db import make_record
 

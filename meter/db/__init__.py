@@ -3,7 +3,8 @@
 Modules, in data-flow order: :mod:`~meter.db.engine` (URLs, engines, ping),
 :mod:`~meter.db.models`, :mod:`~meter.db.tenancy_models` and :mod:`~meter.db.types` (schema),
 :mod:`~meter.db.migrate` (Alembic),
-:mod:`~meter.db.writer` (records in), :mod:`~meter.db.queries` (reports out),
+:mod:`~meter.db.insert`, :mod:`~meter.db.sqlite_json` and :mod:`~meter.db.poison` (records in),
+:mod:`~meter.db.writer` (the in-memory batch writer), :mod:`~meter.db.queries` (reports out),
 :mod:`~meter.db.report` (rendering, pure).
 """
 
@@ -11,10 +12,11 @@ from __future__ import annotations
 
 from meter.db import tenancy_models  # noqa: F401  (registers its tables on Base.metadata)
 from meter.db.engine import create_engine, normalize_url, ping
+from meter.db.insert import write_batch
 from meter.db.migrate import current, downgrade, head, upgrade
 from meter.db.queries import recent_requests, usage_summary
 from meter.db.report import render
-from meter.db.writer import BatchWriter, write_batch
+from meter.db.writer import BatchWriter
 
 __all__ = [
     "BatchWriter",

@@ -4,7 +4,7 @@ fast however many raw events there are, and lets old raw events go.
 Invariants:
 
 Rule 1: exactly once. The rollup is updated in the transaction that inserts the raw rows, from the
-        rows INSERT ... RETURNING says were new (meter.db.writer). A replayed record is not new, so
+        rows INSERT ... RETURNING says were new (meter.db.insert). A replayed record is not new, so
         it adds nothing; a rolled-back insert rolls its rollup update back with it.
 Rule 2: one aggregation, :func:`rollup_upsert_sql`, for every backend and path, written with the
         same SQL functions the raw report uses (meter.db.queries): per group ``requests``,
