@@ -141,6 +141,8 @@ def render(results: dict[str, Any]) -> str:
     out.append(f"  closed loop: {meta['closed_generator']}")
     if meta.get("baseline"):
         out.append(f"  pass-through: {meta['baseline']}; its cpu and MB are in the meter columns")
+    if meta.get("quota_redis"):
+        out.append(f"  quota:      counters in {meta['quota_redis']}")
     out.append(
         "  percentiles are nearest-rank; ms = milliseconds; 'lag' = how late the generator sent (its health)"
     )

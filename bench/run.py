@@ -47,6 +47,7 @@ from bench.targets import (
     set_limits,
     start_meter,
     start_passthrough,
+    start_redis,
     start_simulator,
     wait_writer_idle,
 )
@@ -154,7 +155,8 @@ def parse_args(argv: list[str] | None) -> Options:
         default=None,
         metavar="REDIS_URL",
         help="also measure meter with quota limits on (counters in this Redis, default "
-        "redis://127.0.0.1:6379/0) beside the same meter with none, and report what admission adds",
+        "redis://127.0.0.1:6379/0; 'local': a redis-server the bench starts, pinned with the simulator "
+        "so it does not share meter's core) beside the same meter with none, and report what admission adds",
     )
     parser.add_argument(
         "--baseline",
@@ -238,8 +240,10 @@ class Bench:
         loadgen: procs.LoadGenerator,
         pinning: procs.Pinning,
         log: Any,
+        helpers: list[procs.Process] | None = None,
     ) -> None:
         self.o = options
+        self.helpers = helpers or []
         self.sim = sim
         self.sim_url = sim_url
         self.targets = targets
@@ -278,7 +282,8 @@ class Bench:
     def _ours(self) -> float:
         """CPU time of every process the bench runs (to tell other load on the machine apart)."""
         meters = sum(t.process.cpu_seconds() for t in self.targets if t.process is not None)
-        return self.sim.cpu_seconds() + meters + self.loadgen.cpu_seconds() + procs.own_seconds()
+        helpers = sum(h.cpu_seconds() for h in self.helpers)
+        return self.sim.cpu_seconds() + meters + helpers + self.loadgen.cpu_seconds() + procs.own_seconds()
 
     def _job(self, target: Target, **job: Any) -> dict[str, Any]:
         job.update(url=target.url + PATH, body=request_body(job["stream"]), key=KEY, timeout=self.o.timeout)
@@ -439,6 +444,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="meter-bench-")))
         processes: list[procs.Process] = []
+        helpers: list[procs.Process] = []  # the bench's own services besides the simulator (Redis)
+        quota_desc: str | None = None
         loadgen: procs.LoadGenerator | None = None
         with procs.stopping(processes):
             log("starting the simulator")
@@ -457,9 +464,18 @@ def main(argv: list[str] | None = None) -> int:
                     assert target.process is not None
                     processes.append(target.process)
                     targets.append(target)
-            if options.quota_redis is not None:
+            quota_redis = options.quota_redis
+            if quota_redis == "local":
+                redis, quota_redis = start_redis(workdir, pinning)
+                processes.append(redis)
+                helpers.append(redis)
+                log(f"redis-server on {quota_redis} (pid {redis.pid})")
+                quota_desc = f"a redis-server the bench started, pinned to cpu {sorted(pinning.load or ())}"
+            elif quota_redis is not None:
+                quota_desc = f"{quota_redis} (the machine's Redis, not pinned: its CPU shows as 'other')"
+            if quota_redis is not None:
                 server, client = options.servers[0], options.clients[0]
-                target = start_meter(workdir, pinning, sim_url, server, client, redis_url=options.quota_redis)
+                target = start_meter(workdir, pinning, sim_url, server, client, redis_url=quota_redis)
                 assert target.process is not None
                 processes.append(target.process)
                 targets.append(target)
@@ -472,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                 log(f"{target.name} ready on {target.url} (pid {target.process.pid})")
             loadgen = procs.LoadGenerator(pinning.load, REPO)
             try:
-                Bench(options, sim, sim_url, targets, loadgen, pinning, log).run()
+                Bench(options, sim, sim_url, targets, loadgen, pinning, log, helpers).run()
             finally:
                 loadgen.close()
             for target in targets:
@@ -509,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
             "session, nothing observed or recorded, pinned like meter"
             if options.baseline
             else None,
+            "quota_redis": quota_desc,
             "open_generator": "Python aiohttp+uvloop generator (separate process)",
             "closed_generator": closed_generator,
             "versions": _versions(),

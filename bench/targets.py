@@ -9,6 +9,8 @@ environment and no other ``METER_*`` variable (an unknown one would stop it at s
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import sqlite3
 import sys
 import time
@@ -111,6 +113,31 @@ def start_passthrough(workdir: Path, pinning: procs.Pinning, sim_url: str) -> Ta
     url = f"http://127.0.0.1:{port}"
     procs.wait_http(f"{url}/_sim/stats", process)
     return Target(PASSTHROUGH, "passthrough", url, "uvicorn", "aiohttp", process)
+
+
+def start_redis(workdir: Path, pinning: procs.Pinning) -> tuple[procs.Process, str]:
+    """A private Redis for ``--quota local``, pinned with the simulator and the load generators: in a
+    deployment Redis runs on its own host, so here it must not take meter's core (the machine's shared
+    Redis runs wherever the kernel puts it, meter's core included)."""
+    server = shutil.which("redis-server")
+    if server is None:
+        raise SystemExit("--quota local needs redis-server on PATH (apt-get install redis-server)")
+    port = procs.free_port()
+    argv = [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = procs.start("redis", [*argv, "--dir", str(workdir)], workdir, cpus=pinning.load)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(16).startswith(b"+PONG"):
+                    break
+        except OSError:
+            pass
+        if time.monotonic() > deadline or not process.alive():
+            raise SystemExit(f"redis-server did not start:\n{process.log_tail()}")
+        time.sleep(0.1)
+    return process, f"redis://127.0.0.1:{port}/0"
 
 
 def set_limits(target: Target, key: str) -> None:

@@ -1,5 +1,6 @@
-"""The benchmark runs end to end: ``python -m bench.run --quick --baseline`` starts the simulator, the
-bare pass-through and meter, drives all three, and reports every section with numbers that make sense.
+"""The benchmark runs end to end: ``python -m bench.run --quick --baseline --quota local`` starts the
+simulator, the bare pass-through, meter, and a meter with quota limits whose counters live in a Redis
+the bench starts itself; drives all four, and reports every section with numbers that make sense.
 
 Nothing here asserts a speed: timings on a shared two-core machine are for the report, not for a test.
 What is asserted is what a reader of the report relies on: each section is there, every request was
@@ -28,7 +29,7 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--baseline", "--json", str(out)],
+        [sys.executable, "-m", "bench.run", "--quick", "--baseline", "--quota", "local", "--json", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -44,6 +45,7 @@ def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None
         assert f"\n{section}  " in text, f"section {section} missing from:\n{text}"
     assert "direct" in text and "meter[uvicorn,aiohttp]" in text and "pass-through" in text
     assert "\nMETER VS PASS-THROUGH  " in text
+    assert "\nQUOTA ADMISSION  " in text and "counters in a redis-server the bench started" in text
     assert "PASS" in text or "MISS" in text
 
 
@@ -55,7 +57,12 @@ def _ordered(summary: dict[str, Any]) -> None:
 def test_every_target_was_measured_without_errors(quick_run: tuple[str, dict[str, Any]]) -> None:
     _, results = quick_run
     targets = {t["name"]: t for t in results["targets"]}
-    assert set(targets) == {"direct", "pass-through", "meter[uvicorn,aiohttp]"}
+    assert set(targets) == {
+        "direct",
+        "pass-through",
+        "meter[uvicorn,aiohttp]",
+        "meter[uvicorn,aiohttp]+quota",
+    }
     for target in targets.values():
         for rate, step in target["latency"].items():
             assert step["error_count"] == 0, (target["name"], rate, step["errors"])
@@ -88,18 +95,24 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
     assert passthrough["requests_seen"] > 0
     assert 10 < passthrough["rss"]["serving_mb"] < 10_000
     assert passthrough["max_requests"]["cpu_pct"]["meter"] > 0
-    (versus,) = results["baseline"]
-    assert versus["base"] == "pass-through"
-    assert versus["throughput_ratio"]["requests"] > 0
-    assert versus["own_us_per_request"]["requests"] is not None
+    assert len(results["baseline"]) == 2  # meter, and meter with quotas
+    for versus in results["baseline"]:
+        assert versus["base"] == "pass-through"
+        assert versus["throughput_ratio"]["requests"] > 0
+        assert versus["own_us_per_request"]["requests"] is not None
 
 
 def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
     _, results = quick_run
-    (comparison,) = results["comparison"]
-    assert comparison["throughput_ratio"]["requests"] > 0
-    assert comparison["throughput_ratio"]["streams"] > 0
-    names = {check["name"] for check in comparison["checks"]}
-    assert {"max non-streaming req/s", "max streams/s (20 chunks)", "peak RSS under load (VmHWM)"} <= names
-    for check in comparison["checks"]:
-        assert check["ok"] in (True, False, None)
+    assert len(results["comparison"]) == 2
+    for comparison in results["comparison"]:
+        assert comparison["throughput_ratio"]["requests"] > 0
+        assert comparison["throughput_ratio"]["streams"] > 0
+        names = {check["name"] for check in comparison["checks"]}
+        assert {
+            "max non-streaming req/s",
+            "max streams/s (20 chunks)",
+            "peak RSS under load (VmHWM)",
+        } <= names
+        for check in comparison["checks"]:
+            assert check["ok"] in (True, False, None)
