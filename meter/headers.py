@@ -95,3 +95,20 @@ def split_response_headers(
         kept = {name.lower().decode("latin-1") for name, _ in out}
         by_name = {name: value for name, value in by_name.items() if name in kept}
     return by_name, out
+
+
+def swap_authorization(headers: list[tuple[str, str]], authorization: str) -> list[tuple[str, str]]:
+    """The one deliberate change to a request's headers for virtual keys: every ``Authorization``
+    header (the client's ``mk-`` key) becomes the upstream credential, in place, so the virtual key
+    never leaves meter and header order is kept."""
+    return [("authorization", authorization) if n.lower() == "authorization" else (n, v) for n, v in headers]
+
+
+def replace_headers(
+    headers: list[tuple[str, str]], replacements: list[tuple[str, str]]
+) -> list[tuple[str, str]]:
+    """``headers`` with every header named in ``replacements`` replaced (case-insensitive names)."""
+    if not replacements:
+        return headers
+    names = {name.lower() for name, _ in replacements}
+    return [(n, v) for n, v in headers if n.lower() not in names] + replacements

@@ -44,17 +44,23 @@ import asyncio
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 from meter.errors import MeterError, RequestTooLarge, UpstreamError
 from meter.forward import Upstream, UpstreamResponse
-from meter.headers import override_headers, split_response_headers, upstream_request_headers
+from meter.headers import (
+    override_headers,
+    replace_headers,
+    split_response_headers,
+    swap_authorization,
+    upstream_request_headers,
+)
+from meter.hooks import QuotaHook, TenancyHook, TraceHook, settlement_usage
 from meter.identity import KeyFingerprinter, bearer_token
 from meter.observe import Observation, ResponseObserver
-from meter.records import Outcome, Usage, UsageRecord, UsageSource, new_event_id
+from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
 from meter.request_info import EMPTY, RequestInfo, inspect_request
 from meter.tenancy.errors import KeyRefusal
-from meter.tenancy.keys import Resolution
 
 Scope = dict[str, Any]
 Receive = Callable[[], Any]
@@ -62,89 +68,6 @@ Send = Callable[[dict[str, Any]], Any]
 
 CLIENT_CLOSED_REQUEST = 499  # recorded status when the client left before the upstream answered
 WATCH_AFTER_S = 0.1  # Rule 4: when the disconnect watcher starts
-
-
-class TenancyHook(Protocol):
-    """Teams, keys and prices (:class:`meter.tenancy.runtime.Tenancy`). Absent, keys are only
-    fingerprinted, records carry no team and no cost."""
-
-    def resolve(self, key: str | None) -> Resolution:
-        """Synchronous and in memory; raises a MeterError (401/500/503) for a key it refuses."""
-        ...
-
-    def cost(
-        self, started_at: datetime, requested_model: str | None, response_model: str | None, usage: Usage
-    ) -> tuple[int | None, str | None]:
-        """``(cost_nanos, price_ref)``; never raises."""
-        ...
-
-
-def swap_authorization(headers: list[tuple[str, str]], authorization: str) -> list[tuple[str, str]]:
-    """The one deliberate change to a request's headers for virtual keys: every ``Authorization``
-    header (the client's ``mk-`` key) becomes the upstream credential, in place, so the virtual key
-    never leaves meter and header order is kept."""
-    return [("authorization", authorization) if n.lower() == "authorization" else (n, v) for n, v in headers]
-
-
-class QuotaHook(Protocol):
-    """Admission (:class:`meter.quota.admission.Admission`). Absent, nothing is limited."""
-
-    async def admit(
-        self, team: str, key_fp: str | None, info: RequestInfo, now: datetime, *, endpoint: str | None = None
-    ) -> Any:
-        """An AdmissionResult: ``allowed``, ``reservation``, ``headers``, ``rejection``."""
-        ...
-
-    def start_settle(
-        self, reservation: Any, usage: Usage | None, cost: Any, now: datetime
-    ) -> asyncio.Future[Any]:
-        """Settle as a task that runs to completion whether awaited or not; never fails for store
-        failures."""
-        ...
-
-
-def settlement_usage(record: UsageRecord) -> Usage | None:
-    """What a finished request consumed, for settling its reservation. None means "unknown": the
-    whole reservation is charged (a stream cut before any usage, an upstream that timed out and may
-    still have generated). An upstream error without usage, or a request that never reached the
-    upstream, consumed nothing."""
-    if record.usage_source is not UsageSource.MISSING:
-        return Usage(
-            record.prompt_tokens,
-            record.completion_tokens,
-            record.cached_tokens,
-            record.reasoning_tokens,
-            record.total_tokens,
-        )
-    if record.outcome is Outcome.UPSTREAM_ERROR and record.status_code >= 400:
-        return Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)
-    if record.outcome is Outcome.PROXY_ERROR and record.status_code != 504:
-        return Usage(prompt_tokens=0, completion_tokens=0, total_tokens=0)  # upstream unreachable
-    return None
-
-
-class TraceHook(Protocol):
-    """Tracing, when enabled (see :mod:`meter.tracing`). Absent, the forward path pays nothing for it."""
-
-    def start(self, scope: Scope, info: RequestInfo, start_time_ns: int) -> Any:
-        """Open a span for the request; the return value is handed back to the other two methods."""
-        ...
-
-    def propagation_headers(self, span: Any) -> list[tuple[str, str]]:
-        """Headers (``traceparent``, ``tracestate``) that replace the client's on the upstream request."""
-        ...
-
-    def finish(self, span: Any, record: UsageRecord) -> None: ...
-
-
-def replace_headers(
-    headers: list[tuple[str, str]], replacements: list[tuple[str, str]]
-) -> list[tuple[str, str]]:
-    """``headers`` with every header named in ``replacements`` replaced (case-insensitive names)."""
-    if not replacements:
-        return headers
-    names = {name.lower() for name, _ in replacements}
-    return [(n, v) for n, v in headers if n.lower() not in names] + replacements
 
 
 class _Exchange:
