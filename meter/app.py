@@ -130,7 +130,7 @@ def create_app(
     metrics = ProxyMetrics(registry)
     if tracer is None and meter_provider is None and settings.otel_environment:
         # The OpenTelemetry SDK is imported only when an OTEL_* variable is set (nothing else needs it).
-        from meter.tracing import configure_from_environment
+        from meter.telemetry_config import configure_from_environment
 
         tracer, meter_provider = configure_from_environment(
             settings.otel_environment, upstream_url=settings.upstream_url, metrics=metrics
@@ -162,7 +162,7 @@ def create_app(
     quotas = runtime.quotas = Quotas(settings, tenancy, registry)
     runtime.sinks.append(request_log)
     if meter_provider is not None:
-        from meter.tracing import GenAIMetrics
+        from meter.genai_metrics import GenAIMetrics
 
         runtime.sinks.append(
             GenAIMetrics(
@@ -229,7 +229,7 @@ def create_app(
         # Telemetry last, so it still sees the requests that finished during the grace period.
         await asyncio.to_thread(request_log.close)
         if runtime.tracer is not None or runtime.meter_provider is not None:
-            from meter.tracing import shutdown_telemetry
+            from meter.telemetry_config import shutdown_telemetry
 
             await asyncio.to_thread(shutdown_telemetry, runtime.tracer, runtime.meter_provider)
 

@@ -280,7 +280,8 @@ async def _database_states(
 ) -> Sequence[tuple[dict[str, Any], Any]]:
     from zoneinfo import ZoneInfo
 
-    from meter.quota.policy import Counters, period_window
+    from meter.quota.decision import Counters
+    from meter.quota.periods import period_window
     from meter.quota.seeding import period_spend
     from meter.quota.store import SubjectState
 

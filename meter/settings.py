@@ -43,7 +43,8 @@ class Settings:
     server: str = "uvicorn"  # "uvicorn" or "granian"
     log_level: str = "info"
     log_format: str = "auto"  # "json", "text", or "auto": text on a terminal, JSON otherwise
-    # Every OTEL_* variable, for meter.tracing (OpenTelemetry is off unless they configure an exporter).
+    # Every OTEL_* variable, for meter.telemetry_config (OpenTelemetry is off unless they configure an
+    # exporter).
     otel_environment: dict[str, str] = dataclasses.field(default_factory=dict)
     # prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR; `meter serve --workers N`
     # points it at a fresh directory when unset).
@@ -247,7 +248,7 @@ def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
         values[field] = _parse(f"{env} (or its flag)", parser, value) if isinstance(value, str) else value
     otel = {name: value for name, value in environ.items() if name.startswith("OTEL_")}
     if otel:
-        from meter.tracing import TelemetryConfigError, check_environment
+        from meter.telemetry_config import TelemetryConfigError, check_environment
 
         try:
             check_environment(otel)

@@ -17,8 +17,10 @@ from prometheus_client import CollectorRegistry
 
 from meter.quota.admission import UNLIMITED, Admission, AdmissionConfig, AdmissionResult
 from meter.quota.memory import MemoryStore
-from meter.quota.policy import Estimate, Limits, Period, Policy, Spend, Subject
+from meter.quota.periods import Period
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
+from meter.quota.spend import Estimate, Spend
 from meter.quota.store import QuotaStore, Refusal, Reservation, Settlement, StoreUnavailable, SubjectState
 from meter.records import Usage
 from meter.request_info import inspect_request

@@ -21,8 +21,9 @@ from meter.cli_manage import COMMANDS
 from meter.db import migrate
 from meter.db.engine import create_engine
 from meter.db.insert import write_batch
-from meter.quota.policy import Estimate, Limits, Policy, Subject
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
+from meter.quota.spend import Estimate
 from meter.quota.store import Reservation
 from tests.conftest_db import make_record
 from tests.test_quota_store import REDIS_URL

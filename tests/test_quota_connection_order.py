@@ -15,7 +15,8 @@ import orjson
 from meter.forward import create_upstream
 from meter.identity import KeyFingerprinter
 from meter.proxy import Proxy
-from meter.quota.policy import Limits, Spend
+from meter.quota.policy import Limits
+from meter.quota.spend import Spend
 from meter.quota.store import Reservation, Settlement
 from meter.records import UsageRecord
 from tests.support.serve import serve_in_thread

@@ -30,7 +30,7 @@ import pytest
 import redis
 
 from meter.pricing import Price
-from meter.quota.policy import estimate
+from meter.quota.spend import estimate
 from meter.request_info import inspect_request
 from tests.conftest import MeterHandle, SimHandle, wait_for
 from tests.support.processes import free_port

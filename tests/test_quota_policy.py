@@ -13,23 +13,9 @@ from zoneinfo import ZoneInfo
 import orjson
 import pytest
 
-from meter.quota.policy import (
-    Breach,
-    Counters,
-    Estimate,
-    LimitKind,
-    Limits,
-    Spend,
-    Subject,
-    actual_spend,
-    admits,
-    decide,
-    estimate,
-    first_breach,
-    period_window,
-    rate_retry_ms,
-    to_micros,
-)
+from meter.quota.decision import Breach, Counters, LimitKind, admits, decide, first_breach, rate_retry_ms
+from meter.quota.periods import period_window
+from meter.quota.policy import Limits, Subject
 from meter.quota.responses import (
     RateSnapshot,
     RateState,
@@ -38,6 +24,7 @@ from meter.quota.responses import (
     reject,
     unavailable,
 )
+from meter.quota.spend import Estimate, Spend, actual_spend, estimate, to_micros
 from meter.records import Usage
 from meter.request_info import RequestInfo, inspect_request
 
@@ -313,7 +300,8 @@ def test_store_unavailable_is_a_503_the_sdk_retries() -> None:
 
 def test_the_pure_modules_import_no_io_library() -> None:
     code = (
-        "import sys, meter.quota.policy, meter.quota.responses, meter.quota.memory, meter.quota.store;"
+        "import sys, meter.quota.policy, meter.quota.periods, meter.quota.spend, meter.quota.decision,"
+        " meter.quota.responses, meter.quota.memory, meter.quota.store;"
         "io = {'redis', 'litestar', 'httpx', 'sqlalchemy', 'aiohttp'};"
         "bad = {m.split('.')[0] for m in sys.modules} & io;"
         "assert not bad, bad"

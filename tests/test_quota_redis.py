@@ -16,8 +16,9 @@ from typing import Any
 import pytest
 import redis
 
-from meter.quota.policy import Limits, Policy, Spend, Subject
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
+from meter.quota.spend import Spend
 from meter.quota.store import Refusal, Reservation, StoreUnavailable
 from tests.support.processes import free_port
 from tests.test_quota_store import EST, EST_MICROS, REDIS_URL, T0, TEAM, RedisHandle, redis_handle, usd
@@ -32,7 +33,8 @@ WORKER = r"""
 import asyncio, json, sys
 from datetime import UTC, datetime
 from decimal import Decimal
-from meter.quota.policy import Estimate, Limits, Policy, Subject
+from meter.quota.policy import Limits, Policy, Subject
+from meter.quota.spend import Estimate
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.store import Reservation
 

@@ -13,8 +13,10 @@ import pytest
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.insert import write_batch
-from meter.quota.policy import Spend, Subject, period_window
+from meter.quota.periods import period_window
+from meter.quota.policy import Subject
 from meter.quota.seeding import period_spend
+from meter.quota.spend import Spend
 from meter.records import UsageRecord, UsageSource
 from tests.conftest_db import make_record
 
@@ -55,7 +57,7 @@ async def test_a_teams_and_a_keys_spend_of_a_month(db_engine: AsyncEngine) -> No
     )
     team = await spend(db_engine, Subject("team", "search"), NOV, DEC)
     assert team == Spend(400, 80, 480, Decimal("4.000000004"))
-    assert team.cost_micros == 4_000_000  # settled spend rounds to the nearest micro-USD (policy Rule 1)
+    assert team.cost_micros == 4_000_000  # settled spend rounds to the nearest micro-USD (spend Rule 1)
 
     assert await spend(db_engine, Subject("key", KEY_A), NOV, DEC) == Spend(
         200, 40, 240, Decimal("2.000000002")

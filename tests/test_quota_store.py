@@ -20,9 +20,11 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from meter.quota.decision import LimitKind
 from meter.quota.memory import MemoryStore
-from meter.quota.policy import Estimate, LimitKind, Limits, Policy, Spend, Subject
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
+from meter.quota.spend import Estimate, Spend
 from meter.quota.store import CONCURRENCY_RETRY_MS, QuotaStore, Refusal, Reservation
 
 REDIS_URL = "redis://127.0.0.1:6379/0"

@@ -1,6 +1,7 @@
 """Quota enforcement: budgets and rate limits that hold exactly across replicas.
 
-Data flow: :mod:`~meter.quota.policy` (pure: limits, periods, estimates, ``decide``) →
+Data flow: the pure arithmetic (:mod:`~meter.quota.policy` limits, :mod:`~meter.quota.periods`,
+:mod:`~meter.quota.spend` estimates and spend, :mod:`~meter.quota.decision` ``decide``) →
 :mod:`~meter.quota.store` (the port) with :mod:`~meter.quota.memory` and
 :mod:`~meter.quota.redis_store` (atomic Lua scripts in :mod:`~meter.quota.scripts`) →
 :mod:`~meter.quota.admission` (the forward path's API, metrics, failure policy) →
@@ -11,22 +12,12 @@ when it is used.
 """
 
 from meter.quota.admission import UNLIMITED, Admission, AdmissionConfig, AdmissionResult, PolicyLookup
+from meter.quota.decision import Breach, LimitKind, decide
 from meter.quota.memory import MemoryStore
-from meter.quota.policy import (
-    Breach,
-    Estimate,
-    LimitKind,
-    Limits,
-    Policy,
-    Price,
-    PriceFn,
-    Spend,
-    Subject,
-    decide,
-    estimate,
-    period_window,
-)
+from meter.quota.periods import period_window
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.responses import Rejection, ratelimit_headers
+from meter.quota.spend import Estimate, Price, PriceFn, Spend, estimate
 from meter.quota.store import (
     QuotaStore,
     Refusal,

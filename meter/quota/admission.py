@@ -58,21 +58,11 @@ from typing import Literal
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from meter.metrics import UNASSIGNED, LabelBudget
-from meter.quota.policy import (
-    Estimate,
-    LimitKind,
-    Limits,
-    Policy,
-    PriceFn,
-    Spend,
-    Subject,
-    actual_spend,
-    estimate,
-    from_micros,
-    period_window,
-    to_ms,
-)
+from meter.quota.decision import LimitKind
+from meter.quota.periods import period_window, to_ms
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.responses import Headers, Rejection, ratelimit_headers, reject, unavailable
+from meter.quota.spend import Estimate, PriceFn, Spend, actual_spend, estimate, from_micros
 from meter.quota.store import QuotaStore, Refusal, Reservation, StoreUnavailable, SubjectState
 from meter.records import Usage
 from meter.request_info import RequestInfo
@@ -277,7 +267,7 @@ class Admission:
     async def settle(
         self, reservation: Reservation, usage: Usage | None, cost: Decimal | None, now: datetime
     ) -> Spend | None:
-        """Replace the reservation by the actual spend (see :func:`~meter.quota.policy.actual_spend`
+        """Replace the reservation by the actual spend (see :func:`~meter.quota.spend.actual_spend`
         for ``usage`` None and missing fields). Never raises for store failures. Returns the spend
         settled (None for a degraded reservation)."""
         if reservation.degraded:

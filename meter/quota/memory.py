@@ -5,8 +5,8 @@ Atomicity (store Rule 1) comes from the event loop: ``reserve``, ``settle``, ``s
 here are per process: with several workers or replicas, use the Redis store.
 
 The semantics (ledger, leases, tombstones, windows, expiry) are those of :mod:`meter.quota.store`,
-implemented with the pure functions of :mod:`meter.quota.policy`; the contract tests run the same
-cases against this store and the Redis one.
+implemented with the pure functions of :mod:`meter.quota.decision` and :mod:`meter.quota.periods`; the
+contract tests run the same cases against this store and the Redis one.
 """
 
 from __future__ import annotations
@@ -16,24 +16,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
 
-from meter.quota.policy import (
+from meter.quota.decision import (
     WINDOW_MS,
     Breach,
     Counters,
-    Estimate,
     LimitKind,
-    Period,
-    Policy,
-    Spend,
-    Subject,
     decide,
     first_breach,
-    from_ms,
-    period_window,
     rate_retry_ms,
     soft_reached,
-    to_ms,
 )
+from meter.quota.periods import Period, from_ms, period_window, to_ms
+from meter.quota.policy import Policy, Subject
+from meter.quota.spend import Estimate, Spend
 from meter.quota.store import (
     BUDGET_GRACE_MS,
     CONCURRENCY_RETRY_MS,

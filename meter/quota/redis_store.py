@@ -33,22 +33,11 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from meter.quota import scripts
-from meter.quota.policy import (
-    BUDGET_KINDS,
-    KIND_BY_RANK,
-    Breach,
-    Counters,
-    Estimate,
-    LimitKind,
-    Period,
-    Policy,
-    Spend,
-    Subject,
-    from_ms,
-    period_window,
-    to_ms,
-)
+from meter.quota.decision import BUDGET_KINDS, KIND_BY_RANK, Breach, Counters, LimitKind
+from meter.quota.periods import Period, from_ms, period_window, to_ms
+from meter.quota.policy import Policy, Subject
 from meter.quota.redis_batch import ScriptBatcher
+from meter.quota.spend import Estimate, Spend
 from meter.quota.store import (
     BUDGET_GRACE_MS,
     CONCURRENCY_RETRY_MS,

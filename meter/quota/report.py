@@ -21,7 +21,8 @@ from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
-from meter.quota.policy import LimitKind, Limits
+from meter.quota.decision import LimitKind
+from meter.quota.policy import Limits
 from meter.quota.store import SubjectState
 
 RATE_KINDS = frozenset({LimitKind.RPM, LimitKind.TPM})

@@ -23,7 +23,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from meter.errors import error_body
-from meter.quota.policy import Breach, LimitKind, Subject, from_micros
+from meter.quota.decision import Breach, LimitKind
+from meter.quota.policy import Subject
+from meter.quota.spend import from_micros
 
 Headers = list[tuple[bytes, bytes]]
 

@@ -27,7 +27,8 @@ from sqlalchemy import case, func, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meter.db.models import usage_hourly
-from meter.quota.policy import Spend, Subject
+from meter.quota.policy import Subject
+from meter.quota.spend import Spend
 
 NANOS = Decimal(1_000_000_000)
 

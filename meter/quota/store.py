@@ -29,23 +29,11 @@ from datetime import datetime, tzinfo
 from decimal import Decimal
 from typing import Protocol
 
-from meter.quota.policy import (
-    BUDGET_KINDS,
-    Breach,
-    Counters,
-    Estimate,
-    LimitKind,
-    Limits,
-    Period,
-    Policy,
-    Spend,
-    Subject,
-    from_micros,
-    limit_of,
-    period_window,
-    to_ms,
-)
+from meter.quota.decision import BUDGET_KINDS, Breach, Counters, LimitKind, limit_of
+from meter.quota.periods import Period, period_window, to_ms
+from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.responses import RateSnapshot, RateState, tighter
+from meter.quota.spend import Estimate, Spend, from_micros
 
 DEFAULT_LEASE_SECONDS = 900.0
 TOMBSTONE_MS = 86_400_000  # how long a lease-expired reservation can still be settled
@@ -202,7 +190,7 @@ class Reservation:
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
-    """``reserve`` changed nothing: ``breach`` is the limit reported (policy Rule 5)."""
+    """``reserve`` changed nothing: ``breach`` is the limit reported (decision Rule 3)."""
 
     breach: Breach
     states: tuple[SubjectState, ...] = ()
