@@ -1,6 +1,6 @@
 """OpenTelemetry for the forward path: a span per request, off unless configured.
 
-:class:`GenAITracer` implements :class:`meter.proxy.TraceHook`. Its span follows the GenAI semantic
+:class:`GenAITracer` implements :class:`meter.hooks.TraceHook`. Its span follows the GenAI semantic
 conventions: named ``{gen_ai.operation.name} {gen_ai.request.model}`` (``chat llama-v3``), kind CLIENT
 (meter calls the provider on the client's behalf), from the moment the request arrived (the proxy's
 ``start_time_ns``) to its last byte. It carries ``gen_ai.*`` request/response/usage attributes,
@@ -49,7 +49,7 @@ def _number(value: Any) -> int | float | None:
 
 
 class GenAITracer:
-    """A :class:`meter.proxy.TraceHook` producing one GenAI CLIENT span per request."""
+    """A :class:`meter.hooks.TraceHook` producing one GenAI CLIENT span per request."""
 
     def __init__(
         self,
