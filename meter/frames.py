@@ -354,6 +354,37 @@ def event_time(record: UsageRecord) -> float:
     return started.timestamp() + (record.duration_ms or 0.0) / 1000.0
 
 
+@dataclass(frozen=True, slots=True)
+class Backlog:
+    """What lies between a reader's position and the end of the journal."""
+
+    frames: int  # valid frames
+    corrupt: int  # corrupt stretches skipped
+    oldest: float | None  # event_time() of the first record, None if there is none
+    end: Position  # where the last valid frame ends
+
+
+def scan_backlog(reader: JournalReader) -> Backlog:
+    """Read ``reader`` to the end: the first record decoded (for its event time), every other frame
+    only CRC-checked and counted. Proportional to the backlog."""
+    frames, corrupt, oldest = 0, 0, None
+    while oldest is None:
+        batch = reader.read(1)
+        frames += batch.frames
+        corrupt += len(batch.corrupt)
+        if batch.entries:
+            oldest = event_time(batch.entries[0].record)
+        elif not batch.frames and not batch.corrupt:
+            break
+    while True:
+        batch = reader.read(100_000, mode="count")
+        frames += batch.frames
+        corrupt += len(batch.corrupt)
+        if not batch.frames and not batch.corrupt:
+            break
+    return Backlog(frames, corrupt, oldest, reader.position)
+
+
 def file_size(path: Path) -> int:
     try:
         return path.stat().st_size

@@ -20,11 +20,11 @@ from meter.frames import (
     LOCK_FILE,
     JournalReader,
     Position,
-    event_time,
     file_size,
     list_segments,
     read_checkpoint,
     read_lock_holder,
+    scan_backlog,
     segment_name,
 )
 
@@ -93,22 +93,9 @@ def _status_of(directory: Path) -> JournalStatus:
     segments = list_segments(directory)
     checkpoint = read_checkpoint(directory)
     start = checkpoint if checkpoint is not None else Position(segments[0] if segments else 1, 0)
-    pending, corrupt, oldest = 0, 0, None
     with JournalReader(directory, start) as reader:
-        while oldest is None:
-            batch = reader.read(1)
-            pending += batch.frames
-            corrupt += len(batch.corrupt)
-            if batch.entries:
-                oldest = event_time(batch.entries[0].record)
-            elif not batch.frames and not batch.corrupt:
-                break
-        while True:
-            batch = reader.read(100_000, mode="count")
-            pending += batch.frames
-            corrupt += len(batch.corrupt)
-            if not batch.frames and not batch.corrupt:
-                break
+        backlog = scan_backlog(reader)
+    pending, corrupt, oldest = backlog.frames, backlog.corrupt, backlog.oldest
     live = [n for n in segments if n >= start.segment]
     size = sum(file_size(directory / segment_name(n)) for n in live)
     pending_bytes = (

@@ -26,10 +26,10 @@ from pathlib import Path
 from meter.frames import (
     JournalReader,
     Position,
-    event_time,
     file_size,
     list_segments,
     read_checkpoint,
+    scan_backlog,
     segment_name,
 )
 
@@ -57,21 +57,9 @@ def recover(directory: Path, segment_bytes: int) -> Recovered:
                 os.unlink(directory / segment_name(number))
     segments = [n for n in segments if n >= checkpoint.segment]
 
-    pending, oldest = 0, None
     with JournalReader(directory, checkpoint) as reader:
-        while oldest is None:
-            batch = reader.read(1)
-            pending += batch.frames
-            if batch.entries:
-                oldest = event_time(batch.entries[0].record)
-            elif not batch.frames and not batch.corrupt:
-                break
-        while True:
-            batch = reader.read(100_000, mode="count")
-            pending += batch.frames
-            if not batch.frames and not batch.corrupt:
-                break
-        end = reader.position
+        backlog = scan_backlog(reader)
+    pending, oldest, end = backlog.frames, backlog.oldest, backlog.end
 
     write_seg, write_off = checkpoint.segment, 0
     if segments:
