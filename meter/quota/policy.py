@@ -118,6 +118,8 @@ _INT_LIMITS = (
     "tpm",
     "max_concurrent",
 )
+# Every limit field in ``Limits.by_rank`` order (a LimitKind's rank; the USD budget in micro-USD there).
+RANKED_LIMITS = ("budget_usd", *_INT_LIMITS)
 
 
 @dataclass(frozen=True, slots=True)

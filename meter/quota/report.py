@@ -22,19 +22,10 @@ from decimal import Decimal
 from typing import Any
 
 from meter.quota.decision import LimitKind
-from meter.quota.policy import Limits
+from meter.quota.policy import RANKED_LIMITS, Limits
 from meter.quota.store import SubjectState
 
 RATE_KINDS = frozenset({LimitKind.RPM, LimitKind.TPM})
-_FIELD_ORDER = (
-    "budget_usd",
-    "tokens_budget",
-    "prompt_tokens_budget",
-    "completion_tokens_budget",
-    "rpm",
-    "tpm",
-    "max_concurrent",
-)
 
 
 def _usd(value: Decimal) -> str:
@@ -171,9 +162,9 @@ def limits_summary(limits: Limits | None) -> str | None:
     if limits is None:
         return None
     data = limits.to_dict()
-    parts = [f"{name}={data[name]}" for name in _FIELD_ORDER if data[name] is not None]
+    parts = [f"{name}={data[name]}" for name in RANKED_LIMITS if data[name] is not None]
     if not parts:
         return "(none)"
-    budgets = any(data[name] is not None for name in _FIELD_ORDER[:4])
+    budgets = any(data[name] is not None for name in RANKED_LIMITS[:4])
     text = " ".join(parts)
     return f"{text} period={limits.budget_period}" if budgets else text

@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 from meter.errors import RequestError
-from meter.quota.policy import Limits
+from meter.quota.policy import RANKED_LIMITS, Limits
 
 log = logging.getLogger("meter.tenancy")
 
@@ -58,7 +58,7 @@ def parse_limits(data: Any) -> Limits:
             else next((name for name in _LIMIT_FIELDS if message.startswith(name + " ")), "limits")
         )
         raise RequestError(message, param=param) from None
-    for name, value in zip(_RANKED_FIELDS, limits.by_rank, strict=True):
+    for name, value in zip(RANKED_LIMITS, limits.by_rank, strict=True):
         if value is not None and value > MAX_LIMIT:
             largest = Decimal(MAX_LIMIT) / 1_000_000 if name == "budget_usd" else MAX_LIMIT
             raise RequestError(f"{name} must be at most {largest}", param=name)
@@ -66,15 +66,6 @@ def parse_limits(data: Any) -> Limits:
 
 
 _LIMIT_FIELDS = tuple(Limits().to_dict())
-# Limits.by_rank order (the USD budget in micro-USD). Redis scripts count in Lua numbers (doubles),
-# exact up to 2**53: larger limits would not be enforced exactly.
-_RANKED_FIELDS = (
-    "budget_usd",
-    "tokens_budget",
-    "prompt_tokens_budget",
-    "completion_tokens_budget",
-    "rpm",
-    "tpm",
-    "max_concurrent",
-)
+# Redis scripts count in Lua numbers (doubles), exact up to 2**53: larger limits would not be enforced
+# exactly.
 MAX_LIMIT = 2**53 - 1
