@@ -55,14 +55,13 @@ from meter.headers import (
     swap_authorization,
     upstream_request_headers,
 )
-from meter.hooks import QuotaHook, TenancyHook, TraceHook, settlement_usage
+from meter.hooks import QuotaHook, Scope, TenancyHook, TraceHook, settlement_usage
 from meter.identity import KeyFingerprinter, bearer_token
 from meter.observe import Observation, ResponseObserver
 from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
 from meter.request_info import EMPTY, RequestInfo, inspect_request
 from meter.tenancy.errors import KeyRefusal
 
-Scope = dict[str, Any]
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
