@@ -29,6 +29,22 @@ def _fmt(value: Any, digits: int = 2) -> str:
     return str(value)
 
 
+def _added_rows(entry: dict[str, Any]) -> list[list[str]]:
+    """Rows ``target, what, added p50, added p99`` of one comparison's latency and TTFT differences."""
+    rows = []
+    for key, what in (("latency", "latency @ {}/s"), ("ttft", "TTFT @ {} streams/s")):
+        for rate, added in entry[key].items():
+            rows.append(
+                [
+                    entry["target"],
+                    what.format(rate),
+                    _signed(added["added_p50_ms"]),
+                    _signed(added["added_p99_ms"]),
+                ]
+            )
+    return rows
+
+
 def _signed(value: float | None, digits: int = 2) -> str:
     return "-" if value is None else f"{value:+.{digits}f}"
 
@@ -97,26 +113,7 @@ def _baseline(versus: Sequence[dict[str, Any]]) -> list[str]:
         "  meter's own µs/request = 1e6/meter max - 1e6/pass-through max: CPU time per request (or per"
     )
     out.append("  stream) that meter's own work adds, both maxima measured on the same saturated core")
-    rows = []
-    for v in versus:
-        for rate, added in v["latency"].items():
-            rows.append(
-                [
-                    v["target"],
-                    f"latency @ {rate}/s",
-                    _signed(added["added_p50_ms"]),
-                    _signed(added["added_p99_ms"]),
-                ]
-            )
-        for rate, added in v["ttft"].items():
-            rows.append(
-                [
-                    v["target"],
-                    f"TTFT @ {rate} streams/s",
-                    _signed(added["added_p50_ms"]),
-                    _signed(added["added_p99_ms"]),
-                ]
-            )
+    rows = [row for v in versus for row in _added_rows(v)]
     out += ["", *_table(["target", "meter minus pass-through", "added p50", "added p99"], rows)]
     return out
 
@@ -331,26 +328,7 @@ def render(results: dict[str, Any]) -> str:
 
     out.append("")
     out.append("ADDED BY METER  meter minus direct, same offered load (ms; throughput as meter/direct)")
-    rows = []
-    for c in results["comparison"]:
-        for rate, added in c["latency"].items():
-            rows.append(
-                [
-                    c["target"],
-                    f"latency @ {rate}/s",
-                    _signed(added["added_p50_ms"]),
-                    _signed(added["added_p99_ms"]),
-                ]
-            )
-        for rate, added in c["ttft"].items():
-            rows.append(
-                [
-                    c["target"],
-                    f"TTFT @ {rate} streams/s",
-                    _signed(added["added_p50_ms"]),
-                    _signed(added["added_p99_ms"]),
-                ]
-            )
+    rows = [row for c in results["comparison"] for row in _added_rows(c)]
     out += _table(["target", "what", "added p50", "added p99"], rows)
     rows = [
         [c["target"], _fmt(c["throughput_ratio"]["requests"], 3), _fmt(c["throughput_ratio"]["streams"], 3)]
@@ -369,24 +347,7 @@ def render(results: dict[str, Any]) -> str:
         )
         rows = []
         for q in results["quota"]:
-            for rate, added in q["latency"].items():
-                rows.append(
-                    [
-                        q["target"],
-                        f"latency @ {rate}/s",
-                        _signed(added["added_p50_ms"]),
-                        _signed(added["added_p99_ms"]),
-                    ]
-                )
-            for rate, added in q["ttft"].items():
-                rows.append(
-                    [
-                        q["target"],
-                        f"TTFT @ {rate} streams/s",
-                        _signed(added["added_p50_ms"]),
-                        _signed(added["added_p99_ms"]),
-                    ]
-                )
+            rows += _added_rows(q)
             rows.append(
                 [
                     q["target"],
