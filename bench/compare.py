@@ -303,16 +303,18 @@ def warnings(results: dict[str, Any]) -> list[str]:
     out = []
     busiest = max(
         (
-            (get(step, "cpu_pct", "other") or 0.0, t["name"], label)
+            (get(step, "cpu_pct", "other") or 0.0, t["name"], label, get(step, "cpu_pct", "steal") or 0.0)
             for t in results["targets"]
             for label, step in steps(t)
         ),
-        default=(0.0, "", ""),
+        default=(0.0, "", "", 0.0),
     )
     if busiest[0] > NOISY_OTHER_CPU_PCT:
+        steal = f", {busiest[3]:.0f}% of it hypervisor steal" if busiest[3] else ""
         out.append(
             f"other processes on this machine used up to {busiest[0]:.0f}% of a core during a step "
-            f"({busiest[1]}, {busiest[2]}; column 'other cpu'): such rows are noisy; rerun on a quiet machine"
+            f"({busiest[1]}, {busiest[2]}; column 'other cpu'{steal}): such rows are noisy; "
+            "rerun on a quiet machine"
         )
     for t in results["targets"]:
         if t["kind"] != "passthrough":

@@ -206,11 +206,13 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime, stime
 
 
-def machine_busy_seconds() -> float:
-    """CPU time all CPUs spent not idle since boot (``/proc/stat``: everything but idle and iowait)."""
+def machine_busy_seconds() -> tuple[float, float]:
+    """CPU time all CPUs spent not idle since boot (``/proc/stat``: everything but idle and iowait),
+    and the part of it that was steal: time the hypervisor ran something else on this virtual
+    machine's CPUs while they had work (0 on bare metal)."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[:8])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK, steal / CLK_TCK
 
 
 def own_seconds() -> float:

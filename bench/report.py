@@ -89,6 +89,14 @@ def _cpu(step: dict[str, Any] | None, who: str) -> str:
     return "-" if value is None else f"{value:.0f}%"
 
 
+def _other(step: dict[str, Any] | None) -> str:
+    """'other cpu', with the part of it that was hypervisor steal in parentheses when there was any."""
+    other, steal = _get(step, "cpu_pct", "other"), _get(step, "cpu_pct", "steal")
+    if other is None:
+        return "-"
+    return f"{other:.0f}% ({steal:.0f})" if steal else f"{other:.0f}%"
+
+
 def _baseline(versus: Sequence[dict[str, Any]]) -> list[str]:
     out = [
         "",
@@ -138,6 +146,8 @@ def render(results: dict[str, Any]) -> str:
     out.append(f"  closed loop: {meta['closed_generator']}")
     if meta.get("baseline"):
         out.append(f"  pass-through: {meta['baseline']}; its cpu and MB are in the meter columns")
+    if meta.get("meter_env"):
+        out.append("  meter env:  " + " ".join(f"{k}={v}" for k, v in meta["meter_env"].items()))
     if meta.get("quota_redis"):
         out.append(f"  quota:      counters in {meta['quota_redis']}")
     out.append(
@@ -145,7 +155,8 @@ def render(results: dict[str, Any]) -> str:
     )
     out.append(
         "  cpu columns: share of one core over the step; 'other' = processes outside the bench "
-        f"(rounds re-run because of them: {_reruns(results)})"
+        f"(rounds re-run because of them: {_reruns(results)}), in parentheses the part of it that was "
+        "hypervisor steal (a virtual machine's CPU given to other guests while it had work)"
     )
     for warning in results.get("warnings") or []:
         out.append(f"  ! {warning}")
@@ -169,7 +180,7 @@ def render(results: dict[str, Any]) -> str:
                     _errors(s),
                     _cpu(s, "meter"),
                     _cpu(s, "simulator"),
-                    _cpu(s, "other"),
+                    _other(s),
                     _mb(s),
                 ]
             )
@@ -214,7 +225,7 @@ def render(results: dict[str, Any]) -> str:
                     _errors(s),
                     _cpu(s, "meter"),
                     _cpu(s, "simulator"),
-                    _cpu(s, "other"),
+                    _other(s),
                     _mb(s),
                 ]
             )
@@ -256,7 +267,7 @@ def render(results: dict[str, Any]) -> str:
                     _errors(s),
                     _cpu(s, "meter"),
                     _cpu(s, "simulator"),
-                    _cpu(s, "other"),
+                    _other(s),
                     _mb(s),
                 ]
             )

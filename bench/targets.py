@@ -71,8 +71,10 @@ def start_meter(
     client: str,
     *,
     redis_url: str | None = None,
+    extra_env: dict[str, str] | None = None,
 ) -> Target:
-    """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`."""
+    """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`.
+    ``extra_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them)."""
     name = f"meter[{server},{client}]" + ("+quota" if redis_url else "")
     port = procs.free_port()
     db_path = workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}.db"
@@ -89,7 +91,7 @@ def start_meter(
         "--log-level",
         "warning",
     )
-    env = _meter_env(client)
+    env = {**_meter_env(client), **(extra_env or {})}
     if redis_url is not None:
         env["METER_REDIS_URL"] = redis_url
         env["METER_QUOTA_PREFIX"] = f"meter-bench:{os.getpid()}:{port}:"

@@ -131,3 +131,22 @@ def test_report_shows_the_passthrough_and_meter_against_it() -> None:
     assert ["meter[uvicorn,aiohttp]", "max", "streams/s", "800", "1600", "0.500", "625"] in rows
     throughput = text.split("\nTHROUGHPUT")[1].split("\nMEMORY")[0]
     assert "  pass-through " in throughput
+
+
+def test_hypervisor_steal_is_shown_as_the_part_of_other_cpu_it_was() -> None:
+    results = _results()
+    meter = results["targets"][-1]
+    meter["max_requests"]["cpu_pct"].update(other=40.0, steal=35.0)
+    analysed = compare.analyse(results)
+    (warning,) = [w for w in analysed["warnings"] if w.startswith("other processes")]
+    assert "up to 40% of a core" in warning and "35% of it hypervisor steal" in warning
+    text = report.render(analysed)
+    throughput = text.split("\nTHROUGHPUT")[1].split("\nMEMORY")[0]
+    (row,) = [
+        line for line in throughput.splitlines() if line.startswith("  meter[uvicorn,aiohttp]      req/s")
+    ]
+    assert "40% (35)" in row
+    direct = next(
+        line for line in throughput.splitlines() if line.startswith("  direct ") and "req/s" in line
+    )
+    assert "1%" in direct and "(" not in direct  # no steal measured: no parentheses

@@ -1,6 +1,7 @@
-"""The benchmark runs end to end: ``python -m bench.run --quick --baseline --quota local`` starts the
-simulator, the bare pass-through, meter, and a meter with quota limits whose counters live in a Redis
-the bench starts itself; drives all four, and reports every section with numbers that make sense.
+"""The benchmark runs end to end: ``python -m bench.run --quick --baseline --quota local`` (with one
+``--meter-env`` setting) starts the simulator, the bare pass-through, meter, and a meter with quota
+limits whose counters live in a Redis the bench starts itself; drives all four, and reports every
+section with numbers that make sense.
 
 Nothing here asserts a speed: timings on a shared two-core machine are for the report, not for a test.
 What is asserted is what a reader of the report relies on: each section is there, every request was
@@ -29,7 +30,10 @@ pytestmark = pytest.mark.slow
 def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, Any]]:
     out = tmp_path_factory.mktemp("bench") / "results.json"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.run", "--quick", "--baseline", "--quota", "local", "--json", str(out)],
+        [
+            *(sys.executable, "-m", "bench.run", "--quick", "--baseline", "--quota", "local"),
+            *("--meter-env", "METER_WRITER_BATCH_SIZE=50", "--json", str(out)),
+        ],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -47,6 +51,7 @@ def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None
     assert "\nMETER VS PASS-THROUGH  " in text
     assert "\nQUOTA ADMISSION  " in text and "counters in a redis-server the bench started" in text
     assert "PASS" in text or "MISS" in text
+    assert "\n  meter env:  METER_WRITER_BATCH_SIZE=50\n" in text
 
 
 def _ordered(summary: dict[str, Any]) -> None:
@@ -84,7 +89,9 @@ def test_meter_memory_and_records(quick_run: tuple[str, dict[str, Any]]) -> None
     meter = next(t for t in results["targets"] if t["kind"] == "meter")
     assert 10 < meter["rss"]["serving_mb"] < 10_000
     assert meter["rss"]["idle_mb"] > 0
-    # everything on: one SQLite record per request meter forwarded to the simulator
+    # everything on: one SQLite record per request meter forwarded to the simulator (in batches of at
+    # most 50, the run's --meter-env)
+    assert results["meta"]["meter_env"] == {"METER_WRITER_BATCH_SIZE": "50"}
     assert meter["requests_seen"] > 0
     assert meter["records_written"] == meter["requests_seen"]
 
@@ -116,3 +123,15 @@ def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
         } <= names
         for check in comparison["checks"]:
             assert check["ok"] in (True, False, None)
+
+
+@pytest.mark.parametrize("item", ["FOO=1", "METER_WRITER_BATCH_SIZE", "=1"])
+def test_meter_env_takes_only_meter_settings(item: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--meter-env", item])
+    assert "--meter-env takes METER_NAME=VALUE" in capsys.readouterr().err
+    assert parse_args(["--meter-env", "METER_WRITER_BATCH_SIZE=200"]).meter_env == {
+        "METER_WRITER_BATCH_SIZE": "200"
+    }
