@@ -6,9 +6,11 @@ redis-py's client API, each call pays its whole per-command path: pool checkout 
 condition, observability hooks, packing, release — ~140 µs of meter's CPU per call on the project's
 machine, against ~60 µs for the same EVALSHA written and read on a connection already in hand. So
 this module takes connections from the client's pool once and keeps them, and writes each batch of
-calls as one pipelined write followed by one read per reply. Nothing waits to fill a batch: a call
-is queued, and the queue is sent on the next iteration of the loop (``call_soon``), after every
-callback that was already ready — so a call made alone goes out alone, at once.
+calls as one pipelined write followed by one read per reply. The write is packed by hiredis' C
+``pack_command``: the same bytes as redis-py's asyncio packer, which is pure Python and took ~2.5% of
+the proxy's CPU with limits on. Nothing waits to fill a batch: a call is queued, and the queue is
+sent on the next iteration of the loop (``call_soon``), after every callback that was already ready —
+so a call made alone goes out alone, at once.
 
 Rule 1: each call keeps its own outcome. A script error (a NOSCRIPT after a Redis restart, say)
         fails or retries that call only; an error of the connection fails the calls of its batch
@@ -23,6 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from hiredis import pack_command
 from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
@@ -82,8 +85,12 @@ class ScriptBatcher:
         connection = self._idle.pop() if self._idle else await pool.get_connection()  # type: ignore[no-untyped-call]
         replies: list[Any] = []
         try:
-            commands = [("EVALSHA", script.sha, len(keys), *keys, *args) for script, keys, args, _ in batch]
-            await connection.send_packed_command(connection.pack_commands(commands))
+            await connection.send_packed_command(
+                b"".join(
+                    pack_command(("EVALSHA", script.sha, len(keys), *keys, *args))
+                    for script, keys, args, _ in batch
+                )
+            )
             for _ in batch:
                 try:
                     replies.append(await connection.read_response())
