@@ -112,6 +112,10 @@ def own_cost_us(meter_rps: float | None, passthrough_rps: float | None) -> float
     return round(1e6 / meter_rps - 1e6 / passthrough_rps, 1)
 
 
+def _difference(minuend: float | None, subtrahend: float | None) -> float | None:
+    return None if minuend is None or subtrahend is None else round(minuend - subtrahend, 1)
+
+
 def versus_passthrough(passthrough: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
     """``meter`` against the bare pass-through: throughput ratio, meter's own CPU per request (µs),
     and the latency it adds over the pass-through at the same offered load."""
@@ -129,6 +133,12 @@ def versus_passthrough(passthrough: dict[str, Any], meter: dict[str, Any]) -> di
         "throughput_ratio": _max_ratio(passthrough, meter),
         "own_us_per_request": {
             what: own_cost_us(get(meter, key, "achieved_rps"), get(passthrough, key, "achieved_rps"))
+            for what, key in MAXIMA.items()
+        },
+        "own_cpu_us_per_request": {
+            what: _difference(
+                get(meter, key, "cpu_us_per_request"), get(passthrough, key, "cpu_us_per_request")
+            )
             for what, key in MAXIMA.items()
         },
         "latency": latency,

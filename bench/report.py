@@ -114,13 +114,23 @@ def _baseline(versus: Sequence[dict[str, Any]]) -> list[str]:
                     _fmt(v["max_rps"][what]["passthrough"], 0),
                     _fmt(v["throughput_ratio"][what], 3),
                     _fmt(v["own_us_per_request"][what], 0),
+                    _fmt((v.get("own_cpu_us_per_request") or {}).get(what), 0),
                 ]
             )
-    out += _table(["target", "what", "meter", "pass-through", "ratio", "meter's own µs/request"], rows)
+    out += _table(
+        ["target", "what", "meter", "pass-through", "ratio", "meter's own µs/request", "by CPU time"], rows
+    )
     out.append(
         "  meter's own µs/request = 1e6/meter max - 1e6/pass-through max: CPU time per request (or per"
     )
-    out.append("  stream) that meter's own work adds, both maxima measured on the same saturated core")
+    out.append("  stream) that meter's own work adds, both maxima measured on the same saturated core;")
+    out.append(
+        "  by CPU time = meter's CPU seconds per answered request minus the pass-through's, over the same"
+    )
+    out.append(
+        "  steps: the same cost counted from the processes' CPU time, which hypervisor steal and a core"
+    )
+    out.append("  the load did not saturate leave alone")
     rows = [row for v in versus for row in _added_rows(v)]
     out += ["", *_table(["target", "meter minus pass-through", "added p50", "added p99"], rows)]
     return out

@@ -343,6 +343,13 @@ class Bench:
             }
             if target.process is not None:
                 merged["cpu_pct"]["meter"] = round(sum(r["meter_cpu_s"] for r in done) / elapsed * 100, 1)
+                answered = sum(r.get("ok") or 0 for r in done)
+                if closed and answered:
+                    # CPU time per answered request: unlike 1/max, steal and an unsaturated core
+                    # do not move it (a closed-loop round is load from start to end, no warm-up)
+                    merged["cpu_us_per_request"] = round(
+                        sum(r["meter_cpu_s"] for r in done) / answered * 1e6, 1
+                    )
                 merged["rss_mb"] = max(r["rss_mb"] for r in done)
                 merged["rss_total_mb"] = max(r["rss_total_mb"] for r in done)
                 merged["processes"] = max(r["processes"] for r in done)

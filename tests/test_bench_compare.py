@@ -24,6 +24,7 @@ def _closed(rps: float, cpu: float | None) -> dict[str, Any]:
     }
     if cpu is not None:
         step["cpu_pct"]["meter"] = cpu
+        step["cpu_us_per_request"] = round(cpu / 100 / rps * 1e6, 1)  # as measured: CPU s / answered
         step["rss_mb"] = 50.0
     return step
 
@@ -99,6 +100,8 @@ def test_meter_versus_passthrough() -> None:
     assert versus["max_rps"]["requests"] == {"meter": 1_000.0, "passthrough": 2_500.0}
     assert versus["throughput_ratio"] == {"requests": 0.4, "streams": 0.5}
     assert versus["own_us_per_request"] == {"requests": 600.0, "streams": 625.0}
+    # from CPU time: 990 - 392 µs per request, 1237.5 - 612.5 per stream
+    assert versus["own_cpu_us_per_request"] == {"requests": 598.0, "streams": 625.0}
     assert versus["latency"]["500"] == {"added_p50_ms": 0.6, "added_p99_ms": 1.2}
     assert versus["ttft"]["500"] == {"added_p50_ms": 0.3, "added_p99_ms": 0.9}
     # the comparison with direct is unchanged by the pass-through's presence
@@ -127,8 +130,8 @@ def test_report_shows_the_passthrough_and_meter_against_it() -> None:
     text = report.render(compare.analyse(_results()))
     assert "\nMETER VS PASS-THROUGH  " in text
     rows = [line.split() for line in text.splitlines() if line.startswith("  meter[uvicorn,aiohttp]")]
-    assert ["meter[uvicorn,aiohttp]", "max", "req/s", "1000", "2500", "0.400", "600"] in rows
-    assert ["meter[uvicorn,aiohttp]", "max", "streams/s", "800", "1600", "0.500", "625"] in rows
+    assert ["meter[uvicorn,aiohttp]", "max", "req/s", "1000", "2500", "0.400", "600", "598"] in rows
+    assert ["meter[uvicorn,aiohttp]", "max", "streams/s", "800", "1600", "0.500", "625", "625"] in rows
     throughput = text.split("\nTHROUGHPUT")[1].split("\nMEMORY")[0]
     assert "  pass-through " in throughput
 
@@ -150,3 +153,15 @@ def test_hypervisor_steal_is_shown_as_the_part_of_other_cpu_it_was() -> None:
         line for line in throughput.splitlines() if line.startswith("  direct ") and "req/s" in line
     )
     assert "1%" in direct and "(" not in direct  # no steal measured: no parentheses
+
+
+def test_own_cost_by_cpu_time_survives_an_unsaturated_core() -> None:
+    """Steal or a capped load leaves meter's core unsaturated: 1e6/max then overstates meter's own
+    cost, while CPU time per request does not move."""
+    results = _results()
+    meter = results["targets"][-1]
+    meter["max_requests"].update(achieved_rps=500.0, cpu_us_per_request=990.0)  # half the rate, same work
+    meter["max_requests"]["cpu_pct"]["meter"] = 49.5
+    (versus,) = compare.analyse(results)["baseline"]
+    assert versus["own_us_per_request"]["requests"] == 1600.0
+    assert versus["own_cpu_us_per_request"]["requests"] == 598.0

@@ -107,6 +107,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
         assert versus["base"] == "pass-through"
         assert versus["throughput_ratio"]["requests"] > 0
         assert versus["own_us_per_request"]["requests"] is not None
+        assert versus["own_cpu_us_per_request"]["requests"] is not None
 
 
 def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
