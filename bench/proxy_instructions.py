@@ -10,6 +10,11 @@ the key directory's poll) runs for longer in the larger run and is counted with 
     .venv/bin/python -m bench.proxy_instructions                    # chat, not streamed
     .venv/bin/python -m bench.proxy_instructions --stream           # chat, streamed (20 chunks)
     .venv/bin/python -m bench.proxy_instructions --small 100 --large 1100
+    .venv/bin/python -m bench.proxy_instructions --baseline         # and the bare pass-through
+
+``--baseline`` counts :mod:`bench.passthrough` (meter's stack, nothing observed or recorded) the same
+way, and prints the difference: the instructions meter's own work adds to each request, a figure that
+neither the machine's speed nor hypervisor steal moves.
 
 Takes a few minutes (everything in meter runs ~50 times slower under callgrind).
 """
@@ -34,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench import procs
 
 MODEL = "accounts/fireworks/models/llama-v3p1-8b-instruct"
+REPO = Path(__file__).resolve().parent.parent  # where ``python -m bench.passthrough`` is found
 
 
 def wait_listening(url: str, process: subprocess.Popen[bytes], timeout: float) -> None:
@@ -50,9 +56,10 @@ def wait_listening(url: str, process: subprocess.Popen[bytes], timeout: float) -
     raise SystemExit(f"{url} did not answer within {timeout:.0f} s")
 
 
-def count(workdir: Path, upstream: str, requests: int, stream: bool) -> int:
-    """Instructions of one ``meter serve`` run that proxied ``requests`` requests."""
-    run = workdir / f"run-{requests}"
+def count(workdir: Path, upstream: str, requests: int, stream: bool, *, passthrough: bool = False) -> int:
+    """Instructions of one ``meter serve`` run (or, ``passthrough``, one :mod:`bench.passthrough`
+    run) that proxied ``requests`` requests."""
+    run = workdir / f"{'passthrough' if passthrough else 'meter'}-{requests}"
     run.mkdir()
     port = procs.free_port()
     env = dict(
@@ -61,6 +68,11 @@ def count(workdir: Path, upstream: str, requests: int, stream: bool) -> int:
         METER_JOURNAL_DIR=str(run / "journal"),
         METER_LOG_LEVEL="warning",
     )
+    if passthrough:
+        server = ["bench.passthrough", "--port", str(port), "--upstream", upstream]
+    else:
+        server = ["meter", "serve", "--port", str(port), "--upstream", upstream]
+        server += ["--database", f"sqlite:///{run / 'meter.db'}"]
     log = (run / "valgrind.log").open("w")
     meter = subprocess.Popen(
         [
@@ -69,16 +81,10 @@ def count(workdir: Path, upstream: str, requests: int, stream: bool) -> int:
             f"--callgrind-out-file={run / 'callgrind.out'}",
             sys.executable,
             "-m",
-            "meter",
-            "serve",
-            "--port",
-            str(port),
-            "--upstream",
-            upstream,
-            "--database",
-            f"sqlite:///{run / 'meter.db'}",
+            *server,
         ],
         env=env,
+        cwd=REPO,
         stdout=subprocess.DEVNULL,
         stderr=log,
     )
@@ -114,6 +120,11 @@ def main() -> None:
     parser.add_argument("--small", type=int, default=100, help="requests in the first run (default 100)")
     parser.add_argument("--large", type=int, default=600, help="requests in the second run (default 600)")
     parser.add_argument("--stream", action="store_true", help="streamed chat completions")
+    parser.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also count the bare pass-through (bench.passthrough) and print meter minus it",
+    )
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         raise SystemExit("valgrind is not installed (apt-get install valgrind)")
@@ -132,15 +143,29 @@ def main() -> None:
             wait_listening(upstream, simulator, timeout=60)
             small = count(workdir, upstream, args.small, args.stream)
             large = count(workdir, upstream, args.large, args.stream)
+            if args.baseline:
+                base_small = count(workdir, upstream, args.small, args.stream, passthrough=True)
+                base_large = count(workdir, upstream, args.large, args.stream, passthrough=True)
         finally:
             simulator.terminate()
             simulator.wait(30)
-    per_request = (large - small) / (args.large - args.small)
+    runs = args.large - args.small
+    per_request = (large - small) / runs
     kind = "streamed (20 chunks)" if args.stream else "non-streamed"
     print(f"meter serve under callgrind, chat completions, {kind}")
     print(f"  {args.small:>6} requests: {small:>15,} instructions")
     print(f"  {args.large:>6} requests: {large:>15,} instructions")
     print(f"  per request: {per_request:,.0f} instructions")
+    if args.baseline:
+        base = (base_large - base_small) / runs
+        print("bench.passthrough under callgrind, the same requests")
+        print(f"  {args.small:>6} requests: {base_small:>15,} instructions")
+        print(f"  {args.large:>6} requests: {base_large:>15,} instructions")
+        print(f"  per request: {base:,.0f} instructions")
+        print(
+            f"meter's own work: {per_request - base:,.0f} instructions per request "
+            f"({per_request / base:.2f}x the pass-through)"
+        )
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ record every 50 ms of event time), then times one :class:`~meter.pipeline.Pipeli
 freshly created and migrated database, hourly rollup included. Prints the append rate (the request
 path's cost), the drain rate in events per second, and the process CPU the drain took per event: in
 all threads (SQLite works in aiosqlite's thread, mostly without the GIL) and on the event loop's
-thread alone (what a proxy sharing the process loses to its writer).
+thread alone (what a proxy sharing the process loses to its writer); and the longest the drain held
+the event loop (a 1 ms timer's lateness, max and p99): what a request in flight waits out.
 
     .venv/bin/python bench/writer_throughput.py                     # PostgreSQL and SQLite
     .venv/bin/python bench/writer_throughput.py --events 500000 --backend postgres
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import os
 import random
 import secrets
@@ -121,9 +123,12 @@ async def run(backend: str, records: list[UsageRecord], batch_size: int, concurr
             )
             started = time.perf_counter()
             cpu, loop_cpu = time.process_time(), time.thread_time()
+            stalls: list[float] = []
+            probe = asyncio.create_task(_probe_loop(stalls))
             await pipeline.start()
             assert await pipeline.flush(timeout=600)
             drain_s = time.perf_counter() - started
+            probe.cancel()
             cpu, loop_cpu = time.process_time() - cpu, time.thread_time() - loop_cpu
             await pipeline.stop(timeout=10)
             async with engine.connect() as conn:
@@ -137,12 +142,27 @@ async def run(backend: str, records: list[UsageRecord], batch_size: int, concurr
                 f"append {len(records) / append_s:,.0f}/s ({append_s * 1e6 / len(records):.1f} µs each), "
                 f"drain to database {len(records) / drain_s:,.0f} events/s ({drain_s:.2f}s), "
                 f"CPU {cpu * 1e6 / len(records):.1f} µs/event "
-                f"({loop_cpu * 1e6 / len(records):.1f} on the event loop)"
+                f"({loop_cpu * 1e6 / len(records):.1f} on the event loop); "
+                f"loop held up to {max(stalls, default=0.0):.1f} ms (p99 {_p99(stalls):.1f})"
             )
         finally:
             if backend == "postgresql":
                 await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
                 await admin.close()
+
+
+async def _probe_loop(stalls: list[float], every_s: float = 0.001) -> None:
+    """How late a 1 ms timer fires, again and again: the time the event loop was held by something
+    else (the drain), which every request a proxy has in flight would wait out."""
+    while True:
+        due = time.perf_counter() + every_s
+        await asyncio.sleep(every_s)
+        stalls.append(max(0.0, time.perf_counter() - due) * 1000)
+
+
+def _p99(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] if ordered else 0.0
 
 
 def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -163,6 +183,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=None, help="batches in flight (default: auto)")
     args = parser.parse_args()
     records = synthetic_records(args.events)
+    gc.collect()
+    gc.freeze()  # as meter serve does after start-up: the bench's own records are no garbage to scan
     backends = {"postgres": ["postgresql"], "sqlite": ["sqlite"], "both": ["postgresql", "sqlite"]}
     for backend in backends[args.backend]:
         with asyncio.Runner(loop_factory=_loop_factory()) as runner:
