@@ -403,11 +403,10 @@ async def test_a_big_batch_document_is_built_in_slices_with_the_loop_turning_bet
     before = turns
     parts = await insert._in_slices(sqlite_json.payloads_document, payloads)
     ticker.cancel()
-    assert parts is not None and len(parts) == 11
+    assert len(parts) == 11
     document = insert._json_array(parts)
-    assert document == sqlite_json.payloads_document(payloads)
-    by_records = await insert._in_slices(sqlite_json.records_document, records)
-    assert by_records is not None and insert._json_array(by_records) == document
+    assert document is not None and document == sqlite_json.payloads_document(payloads)
+    assert insert._json_array(await insert._in_slices(sqlite_json.records_document, records)) == document
     assert turns - before >= 10  # one turn before each of the 10 slices after the first
     assert orjson.loads(document)[-1]["event_id"] == records[-1].event_id
 
@@ -415,6 +414,6 @@ async def test_a_big_batch_document_is_built_in_slices_with_the_loop_turning_bet
 async def test_a_record_the_json_path_cannot_take_in_a_late_slice_sends_the_batch_to_binding() -> None:
     records = dataset(3 * insert.DOCUMENT_SLICE, seed=4)
     records[-1] = dataclasses.replace(records[-1], prompt_tokens=BIG + 1)  # beyond 64 bits
-    assert await insert._in_slices(sqlite_json.records_document, records) is None
+    assert insert._json_array(await insert._in_slices(sqlite_json.records_document, records)) is None
     payloads = [encode_record(r) for r in records]
-    assert await insert._in_slices(sqlite_json.payloads_document, payloads) is None
+    assert insert._json_array(await insert._in_slices(sqlite_json.payloads_document, payloads)) is None

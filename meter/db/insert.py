@@ -136,26 +136,27 @@ async def _write_rows(engine: AsyncEngine, rows: list[dict[str, Any]]) -> int:
 # whole batch of 1,000 in one go held the loop for 2-3 and 12-16 ms, which every request in flight
 # waited out (python bench/writer_throughput.py, "loop held").
 DOCUMENT_SLICE = 64
-S = TypeVar("S", str, bytes)
+R = TypeVar("R")
 
 
-async def _in_slices(build: Callable[[Sequence[T]], S | None], items: Sequence[T]) -> list[S] | None:
-    """``build`` over ``items``, ``DOCUMENT_SLICE`` items at a time with a turn of the event loop
-    between slices; None if a slice gives None."""
-    parts: list[S] = []
+async def _in_slices(build: Callable[[Sequence[T]], R], items: Sequence[T]) -> list[R]:
+    """``build`` over ``items``, ``DOCUMENT_SLICE`` items at a time, with a turn of the event loop
+    between slices."""
+    parts: list[R] = []
     for start in range(0, len(items), DOCUMENT_SLICE):
         if start:
             await asyncio.sleep(0)
-        part = build(items[start : start + DOCUMENT_SLICE])
-        if part is None:
-            return None
-        parts.append(part)
+        parts.append(build(items[start : start + DOCUMENT_SLICE]))
     return parts
 
 
-def _json_array(parts: list[str]) -> str:
-    """JSON arrays (orjson's compact text, none empty) joined into one."""
-    return parts[0] if len(parts) == 1 else "[" + ",".join(part[1:-1] for part in parts) + "]"
+def _json_array(parts: list[str | None]) -> str | None:
+    """JSON arrays (orjson's compact text, none empty) joined into one; None if a part is None (a
+    slice the JSON path cannot take: then the whole batch takes the binding path)."""
+    texts = [part for part in parts if part is not None]
+    if len(texts) < len(parts):
+        return None
+    return texts[0] if len(texts) == 1 else "[" + ",".join(text[1:-1] for text in texts) + "]"
 
 
 def _postgres_items(payloads: Sequence[bytes]) -> bytes:
@@ -172,17 +173,15 @@ async def write_payloads(engine: AsyncEngine, payloads: Sequence[bytes]) -> int:
     if not payloads:
         return 0
     if _is_postgres(engine):
-        items = await _in_slices(_postgres_items, payloads)
-        assert items is not None  # _postgres_items raises rather than answer None
-        document = b"[" + b",".join(items) + b"]"
+        document = b"[" + b",".join(await _in_slices(_postgres_items, payloads)) + b"]"
         async with engine.begin() as conn:
             await conn.execute(_SET_UTC)
             result = await conn.execute(_postgres_insert(), {"payloads": document.decode()})
             return int(result.scalar_one())
     if engine.dialect.name == "sqlite" and sqlite_has_json():
-        parts = await _in_slices(payloads_document, payloads)
-        if parts is not None:
-            return await write_document(engine, _json_array(parts))
+        batch = _json_array(await _in_slices(payloads_document, payloads))
+        if batch is not None:
+            return await write_document(engine, batch)
     return await _write_rows(engine, [make_storable(decode_row(payload)) for payload in payloads])
 
 
@@ -197,7 +196,7 @@ async def write_batch(engine: AsyncEngine, records: Sequence[UsageRecord]) -> in
     if _is_postgres(engine):
         return await write_payloads(engine, [encode_record(record) for record in records])
     if engine.dialect.name == "sqlite" and sqlite_has_json():
-        parts = await _in_slices(records_document, records)
-        if parts is not None:
-            return await write_document(engine, _json_array(parts))
+        batch = _json_array(await _in_slices(records_document, records))
+        if batch is not None:
+            return await write_document(engine, batch)
     return await _write_rows(engine, [record_to_row(record) for record in records])
