@@ -28,6 +28,7 @@ TARGET_ADDED_P99_MS = 3.0
 TARGET_ADDED_TTFT_P99_MS = 1.0
 TARGET_RSS_MB = 100.0
 
+PYDANTIC_NOTE = "; pydantic is installed here (test extra), litestar loads it: ~8 MB meter's image lacks"
 NOISY_OTHER_CPU_PCT = 15.0  # foreign CPU use (share of one core) above which a step is flagged
 SATURATED_CPU_PCT = 85.0  # the pass-through's core below this at a maximum: the load side capped it
 BEHIND_LAG_MS = 10.0  # generator lateness (p99) above which an open-loop step is flagged
@@ -281,6 +282,10 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     direct = next(t for t in targets if t["kind"] == "direct")
     meters = [t for t in targets if t["kind"] == "meter"]
     results["comparison"] = [compare(direct, m) for m in meters]
+    if results["meta"].get("pydantic_installed"):
+        for check in (c for comparison in results["comparison"] for c in comparison["checks"]):
+            if check["name"].startswith("peak RSS"):
+                check["note"] += PYDANTIC_NOTE
     passthrough = next((t for t in targets if t["kind"] == "passthrough"), None)
     results["baseline"] = [versus_passthrough(passthrough, m) for m in meters] if passthrough else []
     plain = [m for m in meters if not m.get("quota")]

@@ -44,6 +44,7 @@ from meter.db.models import usage_events, usage_hourly
 from meter.journal import Journal
 from meter.pipeline import Pipeline
 from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
+from meter.settings import Settings
 
 ADMIN_URL = os.environ.get("METER_BENCH_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 
@@ -178,7 +179,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=200_000)
-    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=Settings().writer_batch_size)
     parser.add_argument("--backend", choices=["postgres", "sqlite", "both"], default="both")
     parser.add_argument("--concurrency", type=int, default=None, help="batches in flight (default: auto)")
     args = parser.parse_args()

@@ -93,7 +93,7 @@ class Pipeline:
         engine: AsyncEngine,
         *,
         registry: CollectorRegistry,
-        batch_size: int = 1000,
+        batch_size: int = 250,
         flush_interval: float = 0.05,
         dead_letter: Path | None = None,
         retention_days: float | None = None,
