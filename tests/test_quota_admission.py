@@ -302,9 +302,12 @@ def unreachable_redis() -> RedisStore:
     return RedisStore(connect(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5), prefix="meter-test:down:")
 
 
-async def test_redis_down_fails_closed_for_budgets() -> None:
+async def test_redis_down_fails_closed_for_budgets(caplog: pytest.LogCaptureFixture) -> None:
     admission, registry = make_admission(unreachable_redis(), team=Limits(budget_usd=Decimal(1), rpm=10))
-    result = await admission.admit("acme", FP, INFO, T0)
+    with caplog.at_level(logging.WARNING, logger="meter.quota"):
+        result = await admission.admit("acme", FP, INFO, T0)
+    (line,) = [r.getMessage() for r in caplog.records if r.name == "meter.quota"]
+    assert line.startswith("quota store redis unavailable (") and "did not answer" not in line
     assert not result.allowed and result.rejection is not None
     assert result.rejection.status == 503
     error = error_of(result)
@@ -315,17 +318,24 @@ async def test_redis_down_fails_closed_for_budgets() -> None:
     await admission.store.aclose()
 
 
-async def test_a_redis_that_does_not_answer_times_out_into_the_failure_policy() -> None:
+async def test_a_redis_that_does_not_answer_times_out_into_the_failure_policy(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """A blackholed Redis (the connection is accepted, nothing ever answers): the client's timeout
-    turns it into the failure policy, it does not hang the request."""
+    turns it into the failure policy, it does not hang the request, and the log says it was a
+    timeout (which a saturated meter causes too), not that Redis is down."""
     with socket.socket() as silent:
         silent.bind(("127.0.0.1", 0))
         silent.listen(16)
         port = silent.getsockname()[1]
         store = RedisStore(connect(f"redis://127.0.0.1:{port}/0", timeout=0.2), prefix="meter-test:mute:")
         admission, registry = make_admission(store, team=Limits(budget_usd=Decimal(1)), key=Limits(rpm=5))
-        result = await asyncio.wait_for(admission.admit("acme", FP, INFO, T0), 5)
+        with caplog.at_level(logging.WARNING, logger="meter.quota"):
+            result = await asyncio.wait_for(admission.admit("acme", FP, INFO, T0), 5)
         assert result.rejection is not None and result.rejection.status == 503
+        (line,) = [r.getMessage() for r in caplog.records if r.name == "meter.quota"]
+        assert line.startswith("quota store redis did not answer in time (")
+        assert "check its CPU before the store" in line
         assert sample(registry, "meter_quota_fallbacks_total", store="redis", policy="closed") == 1
         await store.aclose()
 

@@ -31,6 +31,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meter.quota import scripts
 from meter.quota.decision import BUDGET_KINDS, KIND_BY_RANK, Breach, Counters, LimitKind
@@ -217,7 +218,8 @@ class RedisStore:
         try:
             raw = await self._batcher.call(script, keys or [], args)
         except (RedisError, OSError, TimeoutError) as exc:
-            raise StoreUnavailable(self.name, exc) from exc
+            timed_out = isinstance(exc, (RedisTimeoutError, TimeoutError))
+            raise StoreUnavailable(self.name, exc, timed_out=timed_out) from exc
         if isinstance(raw, int):
             return [raw]
         return [int(v) for v in raw.split(b",")]
