@@ -4,7 +4,6 @@ records it must not take (values it could store differently) still take the bind
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import math
@@ -30,6 +29,7 @@ from meter.db.types import UtcDateTime
 from meter.payload import FALLBACK_MARK, decode_row, encode_record
 from meter.records import UsageRecord
 from tests.conftest_db import every_field_record, make_record, migrated_engine
+from tests.support.loop_turns import loop_turns
 from tests.test_rollups import assert_rollup_equals_raw, dataset
 
 UNICODE = (
@@ -390,24 +390,13 @@ async def test_a_big_batch_document_is_built_in_slices_with_the_loop_turning_bet
     now other tasks run between slices, and the text is the same as built in one go."""
     records = dataset(10 * insert.DOCUMENT_SLICE + 5, seed=3)
     payloads = [encode_record(r) for r in records]
-    turns = 0
-
-    async def other_task() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
-    ticker = asyncio.create_task(other_task())
-    await asyncio.sleep(0)
-    before = turns
-    parts = await insert._in_slices(sqlite_json.payloads_document, payloads)
-    ticker.cancel()
+    async with loop_turns() as turns:
+        parts = await insert._in_slices(sqlite_json.payloads_document, payloads)
     assert len(parts) == 11
     document = insert._json_array(parts)
     assert document is not None and document == sqlite_json.payloads_document(payloads)
     assert insert._json_array(await insert._in_slices(sqlite_json.records_document, records)) == document
-    assert turns - before >= 10  # one turn before each of the 10 slices after the first
+    assert turns.count >= 10  # one turn before each of the 10 slices after the first
     assert orjson.loads(document)[-1]["event_id"] == records[-1].event_id
 
 

@@ -34,6 +34,7 @@ from meter.simulator import (
 from meter.simulator.app import YIELD_EVERY
 from meter.simulator.shapes import embedding_vector
 from tests.conftest import wait_for
+from tests.support.loop_turns import loop_turns
 from tests.support.serve import RunningServer, serve_in_thread
 
 KEY = "fw-test"
@@ -714,21 +715,10 @@ def test_client_disconnect_cancels_a_stream_without_delays(url: str, sim: Simula
 
 
 async def test_a_stream_without_delays_yields_to_other_tasks() -> None:
-    ticks = 0
-
-    async def ticker() -> None:
-        nonlocal ticks
-        while True:
-            ticks += 1
-            await asyncio.sleep(0)
-
-    background = asyncio.create_task(ticker())
-    await asyncio.sleep(0)
-    ticks = 0
     call = AsgiCall(orjson.dumps(chat_body(stream=True, max_tokens=10 * YIELD_EVERY)))
-    await Simulator()(scope("/v1/chat/completions"), call.receive, call.send)
-    background.cancel()
-    assert ticks >= 9
+    async with loop_turns() as turns:
+        await Simulator()(scope("/v1/chat/completions"), call.receive, call.send)
+    assert turns.count >= 9
 
 
 async def test_a_stream_without_delays_notices_a_disconnect() -> None:
