@@ -39,7 +39,7 @@ from tests.conftest import wait_for
 from tests.conftest_db import make_record
 from tests.support.serve import serve_in_thread
 
-KEY = "fw-trace-SECRET-key-5678"
+KEY = "fw-trace-SECRET-key-wxyz"  # a suffix no hex id (trace, span, event) can contain by chance
 PROMPT = "zebra quokka narwhal"
 MESSAGES = [{"role": "user", "content": PROMPT}]
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
