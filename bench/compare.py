@@ -147,8 +147,11 @@ def versus_passthrough(passthrough: dict[str, Any], meter: dict[str, Any]) -> di
     }
 
 
-def compare(direct: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
-    """What ``meter`` (one target's results) adds over ``direct``, and its target checks."""
+def compare(
+    direct: dict[str, Any], meter: dict[str, Any], *, pydantic_installed: bool = False
+) -> dict[str, Any]:
+    """What ``meter`` (one target's results) adds over ``direct``, and its target checks.
+    ``pydantic_installed``: the RSS check's note says what that adds."""
     latency, ttft = _added(direct, meter)
     ratio = _max_ratio(direct, meter)
 
@@ -213,6 +216,8 @@ def compare(direct: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
         rss_note += (
             f"; {rss['closed_loop_mb']:.0f} MB at max throughput; {rss.get('idle_mb') or 0:.0f} MB idle"
         )
+    if pydantic_installed:
+        rss_note += PYDANTIC_NOTE
     checks.append(
         _check(
             "peak RSS under load (VmHWM)",
@@ -281,18 +286,15 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     targets = results["targets"]
     direct = next(t for t in targets if t["kind"] == "direct")
     meters = [t for t in targets if t["kind"] == "meter"]
-    results["comparison"] = [compare(direct, m) for m in meters]
-    if results["meta"].get("pydantic_installed"):
-        for check in (c for comparison in results["comparison"] for c in comparison["checks"]):
-            if check["name"].startswith("peak RSS"):
-                check["note"] += PYDANTIC_NOTE
+    pydantic = bool(results["meta"].get("pydantic_installed"))
+    results["comparison"] = [compare(direct, m, pydantic_installed=pydantic) for m in meters]
     passthrough = next((t for t in targets if t["kind"] == "passthrough"), None)
     results["baseline"] = [versus_passthrough(passthrough, m) for m in meters] if passthrough else []
     plain = [m for m in meters if not m.get("quota")]
     results["servers"] = choose(plain, "server", "client")
     results["clients"] = choose(plain, "client", "server")
     results["quota"] = [
-        {**compare(base, m), "base": base["name"]}
+        {**compare(base, m, pydantic_installed=pydantic), "base": base["name"]}
         for m in meters
         if m.get("quota")
         for base in plain

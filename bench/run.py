@@ -237,14 +237,10 @@ def parse_args(argv: list[str] | None) -> Options:
     )
 
 
-def _other_pct(result: dict[str, Any]) -> float:
+def _share_pct(result: dict[str, Any], key: str) -> float:
+    """``result[key]`` CPU seconds as a share of one core over the round."""
     elapsed = result.get("elapsed_s") or 0.0
-    return result.get("other_cpu_s", 0.0) / elapsed * 100 if elapsed else 0.0
-
-
-def _steal_pct(result: dict[str, Any]) -> float:
-    elapsed = result.get("elapsed_s") or 0.0
-    return result.get("steal_cpu_s", 0.0) / elapsed * 100 if elapsed else 0.0
+    return result.get(key, 0.0) / elapsed * 100 if elapsed else 0.0
 
 
 # steps --------------------------------------------------------------------------------------------
@@ -323,11 +319,14 @@ class Bench:
                 result = self._round(target, make_run(target))
                 # A round during which other processes took a good share of the CPU measures them
                 # too: run it again (a bounded number of times) rather than keep it.
-                while _other_pct(result) > NOISY_ROUND_PCT and retried[target.name] < self.o.retry_noisy:
+                while (
+                    _share_pct(result, "other_cpu_s") > NOISY_ROUND_PCT
+                    and retried[target.name] < self.o.retry_noisy
+                ):
                     retried[target.name] += 1
                     self.log(
-                        f"  other processes used {_other_pct(result):.0f}% of a core "
-                        f"({_steal_pct(result):.0f}% hypervisor steal): round again"
+                        f"  other processes used {_share_pct(result, 'other_cpu_s'):.0f}% of a core "
+                        f"({_share_pct(result, 'steal_cpu_s'):.0f}% hypervisor steal): round again"
                     )
                     time.sleep(1.0)
                     result = self._round(target, make_run(target))

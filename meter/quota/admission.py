@@ -354,20 +354,21 @@ class Admission:
 
     def _trip(self, now: datetime, op: str, exc: StoreUnavailable) -> None:
         self.metrics.store_errors.labels(self.store.name, op).inc()
-        if not self._store_down(now) and exc.timed_out:
-            # The wait includes the event loop's: a process out of CPU reads a healthy store's replies
-            # late too, which an operator should not chase in Redis.
-            log.warning(
-                "quota store %s did not answer in time (%r); applying the failure policy for %gs. A "
-                "saturated meter process reads replies late too: check its CPU before the store",
-                self.store.name,
-                exc.cause,
-                self.config.retry_store_after,
-            )
-        elif not self._store_down(now):
-            log.warning(
-                "quota store %s unavailable (%s); applying the failure policy", self.store.name, exc.cause
-            )
+        if not self._store_down(now):  # warn once, when it goes down
+            if exc.timed_out:
+                # The wait includes the event loop's: a process out of CPU reads a healthy store's
+                # replies late too, which an operator should not chase in Redis.
+                log.warning(
+                    "quota store %s did not answer in time (%r); applying the failure policy for %gs. "
+                    "A saturated meter process reads replies late too: check its CPU before the store",
+                    self.store.name,
+                    exc.cause,
+                    self.config.retry_store_after,
+                )
+            else:
+                log.warning(
+                    "quota store %s unavailable (%s); applying the failure policy", self.store.name, exc.cause
+                )
         self._down_until = now + timedelta(seconds=self.config.retry_store_after)
 
     def _fallback(self, team: str, policies: list[Policy], est: Estimate, now: datetime) -> AdmissionResult:
