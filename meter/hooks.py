@@ -43,6 +43,10 @@ class TenancyHook(Protocol):
 class QuotaHook(Protocol):
     """Admission (:class:`meter.quota.admission.Admission`). Absent, nothing is limited."""
 
+    # Whether a settle started before an admit is applied before it without being awaited (the
+    # store's ``ordered``); if not, the forward path awaits a connection's previous settle.
+    ordered: bool
+
     async def admit(
         self, team: str, key_fp: str | None, info: RequestInfo, now: datetime, *, endpoint: str | None = None
     ) -> Any:

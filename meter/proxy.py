@@ -22,10 +22,14 @@ Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admi
         the record says it used: the settle starts before the byte that completes the response and
         is awaited after it (the store's round trip overlaps the last send instead of delaying it),
         or, if the exchange ended otherwise, in the ``finally``; either way shielded from
-        cancellation. The next request on the same client connection is admitted only once that
-        settle is done, so a client sending request after request on a keep-alive connection is
-        judged on its settled spend, never on a reservation still held. (A request on another
-        connection or replica that arrives within the settle's round trip, ~0.2 ms, can see the
+        cancellation. A client sending request after request on a keep-alive connection is judged
+        on its settled spend, never on a reservation still held: with an ordered store (the
+        in-memory and Redis ones) the settle task's first step, which takes the settle's place in
+        the store's order, runs before the task serving the connection's next request can start
+        (the loop runs ready callbacks first in, first out), so the next admit comes after it;
+        with any other store the next request on the connection is admitted only once that settle
+        is done. (A request on another connection or replica that arrives before the settle
+        reaches the store — a round trip, plus up to the Redis store's 5 ms linger — can see the
         reservation instead: conservative, except for a response that cost more than it reserved,
         which the quota bound already counts as in flight.) The hook's ``x-ratelimit-*`` headers
         replace the upstream's on responses to keys with rate limits: the one documented change to
@@ -199,6 +203,8 @@ class Proxy:
         settling = x.settling = self._quota.start_settle(
             reservation, settlement_usage(record), record.cost_usd, datetime.now(UTC)
         )
+        if self._quota.ordered:
+            return  # the next admit on this connection is ordered after it (Rule 6)
         connection = _connection(x.scope)
         if connection is not None:
             self._settling_on[connection] = settling

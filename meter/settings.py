@@ -75,6 +75,7 @@ class Settings:
     quota_rate_failure: str = "open"  # rate limits when Redis is unavailable
     quota_retry_store_after: float = 1.0  # seconds without Redis calls after a failure
     quota_lease_seconds: float = 900.0  # a reservation of a process that died is released after this
+    quota_settle_linger: float = 0.005  # seconds a Redis settle waits to travel with the next reserve
 
     @property
     def is_sqlite(self) -> bool:
@@ -163,6 +164,13 @@ def _timezone(value: str) -> str:
     return value
 
 
+def _non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0 or number == float("inf"):
+        raise ValueError("must be a number of seconds, 0 or more")
+    return number
+
+
 def _non_negative_int(value: str) -> int:
     number = int(value)
     if number < 0:
@@ -220,6 +228,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_QUOTA_RATE_FAILURE": ("quota_rate_failure", _choice("open", "closed")),
     "METER_QUOTA_RETRY_STORE_AFTER": ("quota_retry_store_after", _positive_float),
     "METER_QUOTA_LEASE_SECONDS": ("quota_lease_seconds", _positive_float),
+    "METER_QUOTA_SETTLE_LINGER": ("quota_settle_linger", _non_negative_float),
 }
 
 _PARSERS: dict[str, tuple[str, Callable[[str], Any]]] = {

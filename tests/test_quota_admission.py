@@ -64,6 +64,10 @@ class CountingStore:
         self.calls = 0
         self.down = False
 
+    @property
+    def ordered(self) -> bool:
+        return self.inner.ordered  # (a subclass whose settle awaits first says False)
+
     def _enter(self) -> None:
         self.calls += 1
         if self.down:
@@ -426,6 +430,8 @@ async def test_refresh_gauges_sets_the_team_gauges_from_the_store(make_store: St
 
 class SlowSettleStore(CountingStore):
     """Settles only when ``release`` is set: a store round trip still in flight."""
+
+    ordered = False
 
     def __init__(self) -> None:
         super().__init__()

@@ -28,6 +28,8 @@ KEY = "fw_serial_key_0009"
 
 
 class SlowSettles(CountingStore):
+    ordered = False  # a settle takes effect only after its await: the forward path must wait for it
+
     async def settle(self, reservation: Reservation, spend: Spend, now: datetime) -> Settlement:
         await asyncio.sleep(SETTLE_DELAY)
         return await super().settle(reservation, spend, now)

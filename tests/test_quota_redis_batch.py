@@ -1,5 +1,6 @@
-"""Coalesced script calls against the machine's Redis: one round trip for the calls of one loop turn,
-each call with its own reply or error."""
+"""Coalesced script calls against the machine's Redis: one write for the calls of one loop turn, a
+deferred call travelling with the next urgent one, every call applied in the order it was made and
+with its own reply or error."""
 
 from __future__ import annotations
 
@@ -10,9 +11,14 @@ import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from meter.quota.policy import Limits
 from meter.quota.redis_batch import ScriptBatcher
-from meter.quota.redis_store import connect
-from tests.test_quota_store import RedisHandle, redis_handle
+from meter.quota.redis_store import RedisStore, connect
+from meter.quota.runtime import create_store
+from meter.records import Usage
+from meter.settings import SettingsError, load_settings
+from tests.test_quota_admission import FP, INFO, T0, make_admission
+from tests.test_quota_store import REDIS_URL, RedisHandle, redis_handle
 
 __all__ = ["redis_handle"]
 
@@ -21,33 +27,89 @@ FAIL_ON_ZERO = "if ARGV[1] == '0' then return redis.error_reply('zero') end retu
 
 
 class Recording(ScriptBatcher):
-    """Records the size of every batch sent."""
+    """Records the size of every batch written."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.sizes: list[int] = []
 
-    async def _send(self, batch: list[Any], *, reloaded: bool = False) -> None:
-        self.sizes.append(len(batch))
-        await super()._send(batch, reloaded=reloaded)
+    def _flush(self) -> None:
+        if self._queue:
+            self.sizes.append(len(self._queue))
+        super()._flush()
 
 
-async def test_calls_of_one_loop_turn_share_a_round_trip_and_keep_their_replies(
+async def test_calls_of_one_loop_turn_share_a_write_and_keep_their_replies_in_order(
     redis_handle: RedisHandle,
 ) -> None:
     client, key = redis_handle.client, redis_handle.prefix + "n"
     incr = client.register_script(INCR)
-    batcher = Recording(client, max_batch=64)
+    batcher = Recording(client)
     await client.script_load(INCR)  # (an unknown script would make each batch go twice)
     replies = await asyncio.gather(*(batcher.call(incr, [key], [i]) for i in range(1, 101)))
-    assert batcher.sizes == [64, 36]
-    # Each call got its own reply: a distinct running sum, in its batch's order (the two batches
-    # travel on two connections, so Redis may interleave them).
-    assert len(set(replies)) == 100 and max(replies) == 5050
-    assert replies[:64] == sorted(replies[:64]) and replies[64:] == sorted(replies[64:])
+    assert batcher.sizes == [100]
+    assert replies == [i * (i + 1) // 2 for i in range(1, 101)]  # each its own running sum, in order
     # A call made alone goes out alone.
     assert await batcher.call(incr, [key], [0]) == 5050
     assert batcher.sizes[-1] == 1
+    await batcher.aclose()
+
+
+async def test_writes_do_not_wait_for_replies_and_redis_runs_calls_in_the_order_made(
+    redis_handle: RedisHandle,
+) -> None:
+    """Rule 1 across writes: a call made while earlier ones are still in flight is written at once
+    and applied after them."""
+    client, key = redis_handle.client, redis_handle.prefix + "o"
+    incr = client.register_script(INCR)
+    batcher = Recording(client)
+    await client.script_load(INCR)
+    futures = []
+    for i in range(1, 41):
+        futures.append(batcher.call(incr, [key], [i]))
+        await asyncio.sleep(0)  # one call per loop turn: one write each
+    assert len(batcher.sizes) >= 20  # (not waiting for the first write's reply before the next)
+    assert await asyncio.gather(*futures) == [i * (i + 1) // 2 for i in range(1, 41)]
+    await batcher.aclose()
+
+
+async def test_a_deferred_call_travels_with_the_next_urgent_call_and_is_applied_first(
+    redis_handle: RedisHandle,
+) -> None:
+    client, key = redis_handle.client, redis_handle.prefix + "d"
+    set_value = client.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
+    get_value = client.register_script("return redis.call('GET', KEYS[1])")
+    for script in (set_value, get_value):
+        await client.script_load(script.script)
+    batcher = Recording(client, linger=5.0)  # nothing but the urgent call can send it
+    deferred = batcher.call(set_value, [key], ["settled"], defer=True)
+    await asyncio.sleep(0.05)
+    assert not deferred.done() and batcher.sizes == []
+    assert await batcher.call(get_value, [key], []) == b"settled"
+    assert await deferred == b"OK" and batcher.sizes == [2]
+    await batcher.aclose()
+
+
+async def test_a_deferred_call_alone_goes_out_after_the_linger(redis_handle: RedisHandle) -> None:
+    client, key = redis_handle.client, redis_handle.prefix + "l"
+    incr = client.register_script(INCR)
+    await client.script_load(INCR)
+    batcher = Recording(client, linger=0.05)
+    started = asyncio.get_running_loop().time()
+    assert await batcher.call(incr, [key], [3], defer=True) == 3
+    assert asyncio.get_running_loop().time() - started >= 0.04 and batcher.sizes == [1]
+    await batcher.aclose()
+
+
+async def test_closing_sends_what_is_deferred(redis_handle: RedisHandle) -> None:
+    client, key = redis_handle.client, redis_handle.prefix + "c"
+    incr = client.register_script(INCR)
+    await client.script_load(INCR)
+    batcher = ScriptBatcher(client, linger=60.0)
+    deferred = batcher.call(incr, [key], [7], defer=True)
+    await batcher.aclose()
+    assert deferred.done() and deferred.result() == 7
+    assert int(await client.get(key)) == 7
 
 
 async def test_a_script_error_fails_only_its_own_call(redis_handle: RedisHandle) -> None:
@@ -58,6 +120,7 @@ async def test_a_script_error_fails_only_its_own_call(redis_handle: RedisHandle)
     )
     assert results[0] == b"1" and results[2] == b"2"
     assert isinstance(results[1], ResponseError) and "zero" in str(results[1])
+    await batcher.aclose()
 
 
 async def test_a_batch_after_script_flush_reloads_the_script(redis_handle: RedisHandle) -> None:
@@ -69,6 +132,7 @@ async def test_a_batch_after_script_flush_reloads_the_script(redis_handle: Redis
     replies = await asyncio.gather(*(batcher.call(incr, [key], [1]) for _ in range(5)))
     assert sorted(replies) == [2, 3, 4, 5, 6]
     assert batcher.sizes[-2:] == [5, 5]  # refused as unknown, the script loaded once, sent again
+    await batcher.aclose()
 
 
 async def test_an_unreachable_redis_fails_every_call_of_the_batch() -> None:
@@ -91,7 +155,8 @@ async def test_a_kept_connection_killed_by_redis_is_replaced(redis_handle: Redis
     incr = client.register_script(INCR)
     batcher = ScriptBatcher(client)
     assert await batcher.call(incr, [key], [1]) == 1
-    (kept,) = batcher._idle
+    assert batcher._link is not None and batcher._link.connection is not None
+    kept = batcher._link.connection
     await kept.send_command("CLIENT", "ID")
     await client.execute_command("CLIENT", "KILL", "ID", await kept.read_response())
     try:
@@ -100,4 +165,52 @@ async def test_a_kept_connection_killed_by_redis_is_replaced(redis_handle: Redis
         counted = 1  # the call in flight failed: it must not have run either
     assert int(await client.get(key)) == counted  # a reply, or an error, never a lost increment
     assert await batcher.call(incr, [key], [1]) == counted + 1
+    await batcher.aclose()
+
+
+async def test_a_settle_not_yet_sent_is_applied_before_the_next_admit(redis_handle: RedisHandle) -> None:
+    """The forward path's keep-alive rule with the Redis store (METER_QUOTA_SETTLE_LINGER long enough
+    that only the next reserve can carry the settle): a key allowed one request at a time, whose
+    settle was started and not awaited, is admitted again at once, and nothing else is held."""
+    environ = {"METER_REDIS_URL": REDIS_URL, "METER_QUOTA_PREFIX": redis_handle.prefix}
+    settings = load_settings({**environ, "METER_QUOTA_SETTLE_LINGER": "30"})
+    store = create_store(settings)
+    assert isinstance(store, RedisStore) and store.ordered
+    admission, _ = make_admission(store, key=Limits(max_concurrent=1))
+    try:
+        first = await admission.admit("acme", FP, INFO, T0)
+        assert first.allowed and first.reservation is not None
+        usage = Usage(prompt_tokens=5, completion_tokens=5)
+        settling = admission.start_settle(first.reservation, usage, None, T0)
+        await asyncio.sleep(0.05)
+        assert not settling.done()  # lingering: waiting for a reserve to travel with
+        second = await admission.admit("acme", FP, INFO, T0)
+        assert second.allowed and second.reservation is not None
+        assert (await settling) is not None
+        (state,) = await admission.status(None, FP, T0)
+        assert state.counters.inflight == 1  # the second request only
+    finally:
+        await store.aclose()
+
+
+def test_the_settle_linger_setting_is_checked() -> None:
+    assert load_settings({}).quota_settle_linger == 0.005
+    assert load_settings({"METER_QUOTA_SETTLE_LINGER": "0"}).quota_settle_linger == 0
+    for bad in ("-1", "inf", "nan", "soon"):
+        with pytest.raises(SettingsError, match="METER_QUOTA_SETTLE_LINGER"):
+            load_settings({"METER_QUOTA_SETTLE_LINGER": bad})
+
+
+async def test_a_script_unknown_to_redis_is_loaded_in_the_write_that_first_calls_it(
+    redis_handle: RedisHandle,
+) -> None:
+    """Rule 2: no NOSCRIPT round trip on a new connection, so a first call keeps its place (Rule 1)."""
+    client, key = redis_handle.client, redis_handle.prefix + "u"
+    body = (
+        f"-- {redis_handle.prefix}\nreturn redis.call('INCRBY', KEYS[1], ARGV[1])"  # a script Redis never saw
+    )
+    script = client.register_script(body)
+    batcher = Recording(client)
+    assert await batcher.call(script, [key], [2]) == 2
+    assert batcher.sizes == [1]  # written once: loaded and called in one write
     await batcher.aclose()

@@ -226,6 +226,7 @@ class Admission:
         config: AdmissionConfig | None = None,
     ) -> None:
         self.store = store
+        self.ordered = store.ordered
         self.config = config or AdmissionConfig()
         self.metrics = QuotaMetrics(registry)
         self._policies = policies

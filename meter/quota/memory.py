@@ -77,6 +77,7 @@ class _Subject:
 
 class MemoryStore:
     name = "memory"
+    ordered = True  # every call runs to completion without an await (see above)
 
     def __init__(self, *, tz: tzinfo = UTC, lease_seconds: float = DEFAULT_LEASE_SECONDS) -> None:
         self.tz = tz

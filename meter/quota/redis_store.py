@@ -4,7 +4,9 @@ Every change is one Lua script (:mod:`meter.quota.scripts`) run with EVALSHA, fa
 LOAD when Redis does not know it (a restart, a failover, a SCRIPT FLUSH). Redis runs a script alone,
 so ``reserve`` checks and updates all of a request's counters (team and key; budget, token budgets,
 rpm, tpm, concurrency) atomically across processes: store Rule 1 holds for any number of replicas.
-Calls made in the same turn of the event loop go out as one pipeline (:mod:`meter.quota.redis_batch`).
+Calls go out pipelined on one connection, in the order they were made (:mod:`meter.quota.redis_batch`);
+a settle waits up to ``settle_linger`` seconds to travel with the next reserve (it holds its
+reservation that much longer: conservative).
 
 Failure: any error reaching Redis (refused, reset, timeout, READONLY, OOM) raises
 :class:`~meter.quota.store.StoreUnavailable`; the failure policy is admission's. The client should not
@@ -37,7 +39,7 @@ from meter.quota import scripts
 from meter.quota.decision import BUDGET_KINDS, KIND_BY_RANK, Breach, Counters, LimitKind
 from meter.quota.periods import Period, from_ms, period_window, to_ms
 from meter.quota.policy import Policy, Subject
-from meter.quota.redis_batch import ScriptBatcher
+from meter.quota.redis_batch import DEFAULT_LINGER, ScriptBatcher
 from meter.quota.spend import Estimate, Spend
 from meter.quota.store import (
     BUDGET_GRACE_MS,
@@ -82,6 +84,7 @@ def connect(
 
 class RedisStore:
     name = "redis"
+    ordered = True  # calls take effect in the order they were made (redis_batch Rule 1)
 
     def __init__(
         self,
@@ -91,6 +94,7 @@ class RedisStore:
         tz: tzinfo = UTC,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         server_time: bool = False,
+        settle_linger: float = DEFAULT_LINGER,
     ) -> None:
         self.client = client
         self.prefix = prefix
@@ -102,7 +106,7 @@ class RedisStore:
         self._settle = client.register_script(scripts.SETTLE)
         self._status = client.register_script(scripts.STATUS)
         self._seed = client.register_script(scripts.SEED)
-        self._batcher = ScriptBatcher(client)
+        self._batcher = ScriptBatcher(client, linger=settle_linger)
 
     # -- the port -------------------------------------------------------------------------------------
 
@@ -173,7 +177,7 @@ class RedisStore:
                 0 if limits.max_concurrent is None else 1,
             )
             args += [self._base(hold.subject), member, _csv(numbers)]
-        raw = await self._call(self._settle, args)
+        raw = await self._call(self._settle, args, defer=True)
         per = _STATE + 3
         body = raw[1:]
         applied = tuple(bool(body[i * per]) for i in range(len(reservation.holds)))
@@ -214,9 +218,11 @@ class RedisStore:
     def _now_arg(self, now_ms: int) -> int:
         return -1 if self._server_time else now_ms
 
-    async def _call(self, script: AsyncScript, args: list[Any], keys: list[str] | None = None) -> list[int]:
+    async def _call(
+        self, script: AsyncScript, args: list[Any], keys: list[str] | None = None, *, defer: bool = False
+    ) -> list[int]:
         try:
-            raw = await self._batcher.call(script, keys or [], args)
+            raw = await self._batcher.call(script, keys or [], args, defer=defer)
         except (RedisError, OSError, TimeoutError) as exc:
             timed_out = isinstance(exc, (RedisTimeoutError, TimeoutError))
             raise StoreUnavailable(self.name, exc, timed_out=timed_out) from exc

@@ -63,6 +63,7 @@ def create_store(settings: Settings) -> QuotaStore:
         tz=tz,
         lease_seconds=settings.quota_lease_seconds,
         server_time=settings.quota_server_time,
+        settle_linger=settings.quota_settle_linger,
     )
 
 

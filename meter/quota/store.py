@@ -215,6 +215,10 @@ class Settlement:
 class QuotaStore(Protocol):
     name: str  # "memory" or "redis": the ``store`` label of the fallback metric
     tz: tzinfo  # the time zone budget periods are aligned to
+    # True when a call takes its place in the store's order before its first ``await`` gives the
+    # loop away (the in-memory store applies it there; the Redis store queues it on its one
+    # connection): a settle task started before a later request's admit is then applied before it.
+    ordered: bool
 
     async def reserve(
         self, policies: Sequence[Policy], estimate: Estimate, now: datetime
