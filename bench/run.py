@@ -95,6 +95,7 @@ class Options:
     baseline: bool
     quick: bool
     meter_env: dict[str, str] = field(default_factory=dict)
+    quota_variant: dict[str, str] = field(default_factory=dict)  # a second quota target's own settings
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -174,6 +175,15 @@ def parse_args(argv: list[str] | None) -> Options:
         help="a setting for every meter the bench starts (repeatable), e.g. METER_WRITER_BATCH_SIZE=200; "
         "without it they run on meter's defaults",
     )
+    parser.add_argument(
+        "--quota-variant",
+        action="append",
+        default=[],
+        metavar="METER_NAME=VALUE",
+        help="with --quota: also measure a second meter with limits that has these settings too "
+        "(repeatable; one more target), e.g. METER_QUOTA_SETTLE_LINGER=0, to compare a quota setting "
+        "side by side in one run",
+    )
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run (tests use it)")
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="also save results here")
     parser.add_argument(
@@ -209,12 +219,20 @@ def parse_args(argv: list[str] | None) -> Options:
         parser.error("--rates and --stream-rates take comma-separated integers")
     if any(r <= 0 for r in (*rates, *stream_rates)) or duration <= 0:
         parser.error("rates and --duration must be positive")
-    meter_env = {}
-    for item in args.meter_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("METER_"):
-            parser.error(f"--meter-env takes METER_NAME=VALUE, got {item!r}")
-        meter_env[name] = value
+
+    def settings(items: list[str], flag: str) -> dict[str, str]:
+        out = {}
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name.startswith("METER_"):
+                parser.error(f"{flag} takes METER_NAME=VALUE, got {item!r}")
+            out[name] = value
+        return out
+
+    meter_env = settings(args.meter_env, "--meter-env")
+    quota_variant = settings(args.quota_variant, "--quota-variant")
+    if quota_variant and args.quota is None:
+        parser.error("--quota-variant needs --quota")
     return Options(
         servers=SERVERS if server == "all" else (server,),
         clients=CLIENTS if client == "all" else (client,),
@@ -234,6 +252,7 @@ def parse_args(argv: list[str] | None) -> Options:
         baseline=args.baseline,
         quick=quick,
         meter_env=meter_env,
+        quota_variant=quota_variant,
     )
 
 
@@ -511,18 +530,21 @@ def main(argv: list[str] | None = None) -> int:
                 quota_desc = f"{quota_redis} (the machine's Redis, not pinned: its CPU shows as 'other')"
             if quota_redis is not None:
                 server, client = options.servers[0], options.clients[0]
-                target = start_meter(
-                    workdir,
-                    pinning,
-                    sim_url,
-                    server,
-                    client,
-                    redis_url=quota_redis,
-                    extra_env=options.meter_env,
-                )
-                assert target.process is not None
-                processes.append(target.process)
-                targets.append(target)
+                variants = [{}] + ([options.quota_variant] if options.quota_variant else [])
+                for variant in variants:
+                    target = start_meter(
+                        workdir,
+                        pinning,
+                        sim_url,
+                        server,
+                        client,
+                        redis_url=quota_redis,
+                        extra_env={**options.meter_env, **variant},
+                        variant=",".join(f"{k}={v}" for k, v in variant.items()),
+                    )
+                    assert target.process is not None
+                    processes.append(target.process)
+                    targets.append(target)
             meters = [t for t in targets if t.kind == "meter"]
             for target in meters:
                 assert target.process is not None
@@ -571,6 +593,7 @@ def main(argv: list[str] | None = None) -> int:
             else None,
             "quota_redis": quota_desc,
             "meter_env": options.meter_env,
+            "quota_variant": options.quota_variant,
             "open_generator": "Python aiohttp+uvloop generator (separate process)",
             "closed_generator": closed_generator,
             "versions": _versions(),

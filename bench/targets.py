@@ -72,12 +72,16 @@ def start_meter(
     *,
     redis_url: str | None = None,
     extra_env: dict[str, str] | None = None,
+    variant: str = "",
 ) -> Target:
     """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`.
-    ``extra_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them)."""
-    name = f"meter[{server},{client}]" + ("+quota" if redis_url else "")
+    ``extra_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them), and a
+    ``--quota-variant``'s, which ``variant`` (its settings as text) then names."""
+    name = f"meter[{server},{client}]" + ("+quota" if redis_url else "") + (f"[{variant}]" if variant else "")
     port = procs.free_port()
-    db_path = workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}.db"
+    db_path = (
+        workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}{'-variant' if variant else ''}.db"
+    )
     argv = _meter_command(
         "serve",
         "--port",

@@ -1,7 +1,8 @@
 """The benchmark runs end to end: ``python -m bench.run --quick --baseline --quota local`` (with one
-``--meter-env`` setting) starts the simulator, the bare pass-through, meter, and a meter with quota
-limits whose counters live in a Redis the bench starts itself; drives all four, and reports every
-section with numbers that make sense.
+``--meter-env`` setting and one ``--quota-variant``) starts the simulator, the bare pass-through,
+meter, and two meters with quota limits (the second with the variant's setting) whose counters live
+in a Redis the bench starts itself; drives all five, and reports every section with numbers that make
+sense.
 
 Nothing here asserts a speed: timings on a shared two-core machine are for the report, not for a test.
 What is asserted is what a reader of the report relies on: each section is there, every request was
@@ -24,6 +25,7 @@ from bench.report import SECTIONS
 REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
+VARIANT = "meter[uvicorn,aiohttp]+quota[METER_QUOTA_SETTLE_LINGER=0]"
 
 
 @pytest.fixture(scope="module")
@@ -33,6 +35,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
         [
             *(sys.executable, "-m", "bench.run", "--quick", "--baseline", "--quota", "local"),
             *("--meter-env", "METER_WRITER_BATCH_SIZE=50", "--json", str(out)),
+            *("--quota-variant", "METER_QUOTA_SETTLE_LINGER=0"),
         ],
         cwd=REPO,
         capture_output=True,
@@ -52,6 +55,7 @@ def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None
     assert "\nQUOTA ADMISSION  " in text and "counters in a redis-server the bench started" in text
     assert "PASS" in text or "MISS" in text
     assert "\n  meter env:  METER_WRITER_BATCH_SIZE=50\n" in text
+    assert "\n  variant:    a second meter with limits, with METER_QUOTA_SETTLE_LINGER=0 " in text
 
 
 def _ordered(summary: dict[str, Any]) -> None:
@@ -67,6 +71,7 @@ def test_every_target_was_measured_without_errors(quick_run: tuple[str, dict[str
         "pass-through",
         "meter[uvicorn,aiohttp]",
         "meter[uvicorn,aiohttp]+quota",
+        VARIANT,
     }
     for target in targets.values():
         for rate, step in target["latency"].items():
@@ -94,6 +99,12 @@ def test_meter_memory_and_records(quick_run: tuple[str, dict[str, Any]]) -> None
     assert results["meta"]["meter_env"] == {"METER_WRITER_BATCH_SIZE": "50"}
     assert meter["requests_seen"] > 0
     assert meter["records_written"] == meter["requests_seen"]
+    # the variant is measured against the same meter without limits, and wrote its own database
+    quota = {row["target"]: row for row in results["quota"]}
+    assert set(quota) == {"meter[uvicorn,aiohttp]+quota", VARIANT}
+    assert {row["base"] for row in quota.values()} == {"meter[uvicorn,aiohttp]"}
+    variant = next(t for t in results["targets"] if t["name"] == VARIANT)
+    assert 0 < variant["records_written"] == variant["requests_seen"]
 
 
 def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]]) -> None:
@@ -102,7 +113,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
     assert passthrough["requests_seen"] > 0
     assert 10 < passthrough["rss"]["serving_mb"] < 10_000
     assert passthrough["max_requests"]["cpu_pct"]["meter"] > 0
-    assert len(results["baseline"]) == 2  # meter, and meter with quotas
+    assert len(results["baseline"]) == 3  # meter, and the two meters with quotas
     for versus in results["baseline"]:
         assert versus["base"] == "pass-through"
         assert versus["throughput_ratio"]["requests"] > 0
@@ -112,7 +123,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
 
 def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
     _, results = quick_run
-    assert len(results["comparison"]) == 2
+    assert len(results["comparison"]) == 3  # meter and the two meters with limits, against direct
     for comparison in results["comparison"]:
         assert comparison["throughput_ratio"]["requests"] > 0
         assert comparison["throughput_ratio"]["streams"] > 0
@@ -136,3 +147,16 @@ def test_meter_env_takes_only_meter_settings(item: str, capsys: pytest.CaptureFi
     assert parse_args(["--meter-env", "METER_WRITER_BATCH_SIZE=200"]).meter_env == {
         "METER_WRITER_BATCH_SIZE": "200"
     }
+
+
+def test_a_quota_variant_needs_quota_and_takes_meter_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--quota-variant", "METER_QUOTA_SETTLE_LINGER=0"])
+    assert "--quota-variant needs --quota" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(["--quota", "local", "--quota-variant", "LINGER=0"])
+    assert "--quota-variant takes METER_NAME=VALUE" in capsys.readouterr().err
+    options = parse_args(["--quota", "local", "--quota-variant", "METER_QUOTA_SETTLE_LINGER=0"])
+    assert options.quota_variant == {"METER_QUOTA_SETTLE_LINGER": "0"} and options.meter_env == {}
