@@ -433,3 +433,15 @@ async def test_status_lists_every_limit(store: QuotaStore) -> None:
 async def test_a_zero_limit_refuses_everything(store: QuotaStore) -> None:
     for p in (policy(budget_usd=Decimal(0)), policy(rpm=0), policy(max_concurrent=0)):
         refused(await store.reserve([p], Estimate(0, 0, Decimal(0)), T0))
+
+
+async def test_amounts_beyond_32_bits_stay_exact(store: QuotaStore) -> None:
+    """Micro-USD and token counters pass 2^32 (a $5,000 budget is 5e9 micro-USD): the scripts'
+    arithmetic and number formatting must stay exact up to the documented 2^53."""
+    big = 2**52 + 12_345  # micro-USD: ~$4.5 billion
+    p = policy(budget_usd=usd(2**53 - 1), tokens_budget=2**53 - 1)
+    r = admitted(await store.reserve([p], EST, T0))
+    await store.settle(r, Spend(2**40 + 7, 2**41 + 9, 2**40 + 2**41 + 16, usd(big)), T0)
+    c = (await status_of(store, p)).counters
+    assert (c.spent_micros, c.tokens, c.prompt_tokens) == (big, 2**40 + 2**41 + 16, 2**40 + 7)
+    assert c.reserved_micros == 0

@@ -33,9 +33,10 @@ COMMON = r"""
 local WINDOW = 60000
 local TOMB = 86400000
 
+-- integers as decimal text: '%d' formats a C long (exact for the integers these scripts handle, all
+-- below 2^53), without the multi-precision arithmetic glibc's '%.0f' does for a double
 local function fmt(n)
-  if n == 0 then return '0' end
-  return string.format('%.0f', n)
+  return string.format('%d', n)
 end
 
 local function num(v)
