@@ -153,7 +153,7 @@ async def test_a_replayed_reserve_reserves_once(
     redis_handle: RedisHandle, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A reserve retried after a lost reply (same id) must not reserve twice."""
-    monkeypatch.setattr("meter.quota.redis_store.os.urandom", lambda n: b"\x01" * n)
+    monkeypatch.setattr("meter.quota.redis_store.new_event_id", lambda: "01" * 16)
     store = RedisStore(redis_handle.client, prefix=redis_handle.prefix)
     p = Policy(TEAM, Limits(budget_usd=Decimal(1), rpm=5, max_concurrent=5))
     first = await store.reserve([p], EST, T0)

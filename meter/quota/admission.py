@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -64,7 +63,7 @@ from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.responses import Headers, Rejection, ratelimit_headers, reject, unavailable
 from meter.quota.spend import Estimate, PriceFn, Spend, actual_spend, estimate, from_micros
 from meter.quota.store import QuotaStore, Refusal, Reservation, StoreUnavailable, SubjectState
-from meter.records import Usage
+from meter.records import Usage, new_event_id
 from meter.request_info import RequestInfo
 
 log = logging.getLogger("meter.quota")
@@ -387,7 +386,7 @@ class Admission:
             rejection = unavailable(closed.subject)
             self.metrics.rejections.labels(self._label(team), rejection.reason).inc()
             return AdmissionResult(False, None, rejection.headers, rejection)
-        degraded = Reservation(os.urandom(12).hex(), est, (), to_ms(now), degraded=True, team=team)
+        degraded = Reservation(new_event_id(), est, (), to_ms(now), degraded=True, team=team)
         return AdmissionResult(True, degraded, [])
 
     async def _settle(self, reservation: Reservation, spend: Spend, now: datetime) -> bool:

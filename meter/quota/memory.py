@@ -11,7 +11,6 @@ contract tests run the same cases against this store and the Redis one.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, tzinfo
@@ -41,6 +40,7 @@ from meter.quota.store import (
     Settlement,
     SubjectState,
 )
+from meter.records import new_event_id
 
 
 @dataclass(slots=True)
@@ -105,7 +105,7 @@ class MemoryStore:
             refused = [_state(h, c, s, now_ms) for h, c, s in zip(holds, before, subjects, strict=True)]
             return Refusal(breach, tuple(refused))
 
-        rid = os.urandom(12).hex()
+        rid = new_event_id()
         crossings: list[tuple[Subject, LimitKind]] = []
         states: list[SubjectState] = []
         for hold, subject, budget in zip(holds, subjects, budgets, strict=True):

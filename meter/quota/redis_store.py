@@ -22,7 +22,6 @@ share exactly one window; budget periods are always computed from the caller's c
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, tzinfo
@@ -53,6 +52,7 @@ from meter.quota.store import (
     StoreUnavailable,
     SubjectState,
 )
+from meter.records import new_event_id
 
 DEFAULT_PREFIX = "meter:quota:"
 _STATE = 11  # numbers per subject state in script replies
@@ -115,7 +115,7 @@ class RedisStore:
     ) -> Reservation | Refusal:
         now_ms = to_ms(now)
         holds = [self._periods.hold(policy, now, now_ms) for policy in policies]
-        rid = os.urandom(12).hex()
+        rid = new_event_id()
         args: list[Any] = [
             self._now_arg(now_ms),
             rid,
