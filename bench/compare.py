@@ -28,7 +28,6 @@ TARGET_ADDED_P99_MS = 3.0
 TARGET_ADDED_TTFT_P99_MS = 1.0
 TARGET_RSS_MB = 100.0
 
-PYDANTIC_NOTE = "; pydantic is installed here (test extra), litestar loads it: ~8 MB meter's image lacks"
 NOISY_OTHER_CPU_PCT = 15.0  # foreign CPU use (share of one core) above which a step is flagged
 SATURATED_CPU_PCT = 85.0  # the pass-through's core below this at a maximum: the load side capped it
 BEHIND_LAG_MS = 10.0  # generator lateness (p99) above which an open-loop step is flagged
@@ -147,11 +146,8 @@ def versus_passthrough(passthrough: dict[str, Any], meter: dict[str, Any]) -> di
     }
 
 
-def compare(
-    direct: dict[str, Any], meter: dict[str, Any], *, pydantic_installed: bool = False
-) -> dict[str, Any]:
-    """What ``meter`` (one target's results) adds over ``direct``, and its target checks.
-    ``pydantic_installed``: the RSS check's note says what that adds."""
+def compare(direct: dict[str, Any], meter: dict[str, Any]) -> dict[str, Any]:
+    """What ``meter`` (one target's results) adds over ``direct``, and its target checks."""
     latency, ttft = _added(direct, meter)
     ratio = _max_ratio(direct, meter)
 
@@ -216,8 +212,6 @@ def compare(
         rss_note += (
             f"; {rss['closed_loop_mb']:.0f} MB at max throughput; {rss.get('idle_mb') or 0:.0f} MB idle"
         )
-    if pydantic_installed:
-        rss_note += PYDANTIC_NOTE
     checks.append(
         _check(
             "peak RSS under load (VmHWM)",
@@ -286,15 +280,14 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     targets = results["targets"]
     direct = next(t for t in targets if t["kind"] == "direct")
     meters = [t for t in targets if t["kind"] == "meter"]
-    pydantic = bool(results["meta"].get("pydantic_installed"))
-    results["comparison"] = [compare(direct, m, pydantic_installed=pydantic) for m in meters]
+    results["comparison"] = [compare(direct, m) for m in meters]
     passthrough = next((t for t in targets if t["kind"] == "passthrough"), None)
     results["baseline"] = [versus_passthrough(passthrough, m) for m in meters] if passthrough else []
     plain = [m for m in meters if not m.get("quota")]
     results["servers"] = choose(plain, "server", "client")
     results["clients"] = choose(plain, "client", "server")
     results["quota"] = [
-        {**compare(base, m, pydantic_installed=pydantic), "base": base["name"]}
+        {**compare(base, m), "base": base["name"]}
         for m in meters
         if m.get("quota")
         for base in plain

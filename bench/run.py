@@ -597,9 +597,6 @@ def main(argv: list[str] | None = None) -> int:
             "open_generator": "Python aiohttp+uvloop generator (separate process)",
             "closed_generator": closed_generator,
             "versions": _versions(),
-            # litestar loads pydantic whenever it is installed; here it comes with the test extra's
-            # openai, and meter's image has none of it (the RSS check says so)
-            "pydantic_installed": importlib.util.find_spec("pydantic") is not None,
             "python": sys.version.split()[0],
             "source": _source_state(),
         },

@@ -33,6 +33,11 @@ def _settings(**overrides: Any) -> Settings:
 
 def worker_app() -> Any:
     """ASGI factory used by server worker processes (``meter.cli:worker_app``)."""
+    # litestar adds its pydantic plugins to every app whenever pydantic is importable, which it is
+    # wherever the openai SDK or FastAPI is installed. meter declares no pydantic models; the plugins
+    # cost ~8 MB per serving process. A None entry makes ``import pydantic`` fail in this process only
+    # (litestar then skips them); if something imported pydantic already, it stays.
+    sys.modules.setdefault("pydantic", None)  # type: ignore[arg-type]
     from meter.app import create_app
 
     settings = Settings(**json.loads(os.environ[_WORKER_SETTINGS]))

@@ -165,18 +165,3 @@ def test_own_cost_by_cpu_time_survives_an_unsaturated_core() -> None:
     (versus,) = compare.analyse(results)["baseline"]
     assert versus["own_us_per_request"]["requests"] == 1600.0
     assert versus["own_cpu_us_per_request"]["requests"] == 598.0
-
-
-def test_the_rss_check_says_when_pydantic_inflates_it() -> None:
-    results = _results()
-    results["targets"][-1]["rss"] = {"serving_mb": 104.0, "peak_step": "max req/s"}
-    results["meta"]["pydantic_installed"] = True
-    (rss,) = [
-        c for c in compare.analyse(results)["comparison"][0]["checks"] if c["name"].startswith("peak RSS")
-    ]
-    assert rss["ok"] is False and rss["note"].endswith(compare.PYDANTIC_NOTE)
-    results["meta"]["pydantic_installed"] = False
-    (rss,) = [
-        c for c in compare.analyse(results)["comparison"][0]["checks"] if c["name"].startswith("peak RSS")
-    ]
-    assert "pydantic" not in rss["note"]
