@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from meter.quota.policy import Limits
 from meter.quota.redis_batch import ScriptBatcher
@@ -214,3 +215,40 @@ async def test_a_script_unknown_to_redis_is_loaded_in_the_write_that_first_calls
     assert await batcher.call(script, [key], [2]) == 2
     assert batcher.sizes == [1]  # written once: loaded and called in one write
     await batcher.aclose()
+
+
+async def test_a_silent_redis_fails_the_calls_after_the_timeout_and_is_replaced() -> None:
+    """A server that completes the connection's handshake and then never answers a script (a Redis
+    stuck in a long script, a half-open connection): the calls fail once METER_QUOTA_TIMEOUT has
+    passed since their write, as a timeout (the failure policy then applies), and the next call
+    opens a new connection."""
+    accepted: list[asyncio.StreamWriter] = []
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer)
+        while data := await reader.read(1 << 20):
+            if b"EVALSHA" not in data and b"SCRIPT" not in data:  # the handshake: HELLO, CLIENT ...
+                writer.write(b"+OK\r\n" * sum(1 for part in data.split(b"\r\n") if part.startswith(b"*")))
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    client = connect(f"redis://127.0.0.1:{port}/0", timeout=0.3, connect_timeout=5.0)
+    script = client.register_script(INCR)
+    batcher = ScriptBatcher(client)
+    loop = asyncio.get_running_loop()
+    try:
+        started = loop.time()
+        calls = [batcher.call(script, ["k"], [1]) for _ in range(3)]
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, RedisTimeoutError) for r in results), results
+        assert "no reply from Redis within 0.3s" in str(results[0])
+        assert 0.25 <= loop.time() - started < 2.0
+        with pytest.raises(RedisTimeoutError):
+            await batcher.call(script, ["k"], [1])
+        assert len(accepted) == 2  # the second call came on a new connection
+    finally:
+        await batcher.aclose()
+        await client.aclose()
+        server.close()
+        for writer in accepted:
+            writer.close()

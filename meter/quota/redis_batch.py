@@ -4,7 +4,7 @@ A busy proxy admits and settles many requests in the same turn of the event loop
 redis-py's client API, each call pays its whole per-command path: pool checkout under a lock and a
 condition, observability hooks, packing, release — ~140 µs of meter's CPU per call on the project's
 machine, against ~60 µs for the same EVALSHA written and read on a connection already in hand. So
-this module takes one connection from the client's pool and keeps it: the calls queued since the last
+this module opens one connection as the client's pool would and keeps it: the calls queued since the last
 write go out as one pipelined write (packed by hiredis' C ``pack_command``: the same bytes as redis-py's
 pure-Python asyncio packer, at a fraction of its cost), written by one writer task, and one reader task
 reads the replies as they come. A write does not wait for the replies of the previous one.
@@ -42,6 +42,7 @@ from redis.asyncio import Redis
 from redis.asyncio.connection import AbstractConnection
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 DEFAULT_LINGER = 0.005  # seconds a deferred call waits for an urgent one to travel with
 
@@ -77,6 +78,8 @@ class _Link:
         self.connection: AbstractConnection | None = None
         self._outbox: deque[list[_Call]] = deque()  # queued, not yet written
         self._inflight: deque[_Call | None] = deque()  # written, no reply yet (None: a SCRIPT LOAD's)
+        self._written: deque[float] = deque()  # when each of them was written (loop time)
+        self._watchdog: asyncio.TimerHandle | None = None
         self._loaded: set[str] = set()  # scripts loaded on this connection
         self.writer: asyncio.Task[None] | None = None
         self.reader: asyncio.Task[None] | None = None
@@ -95,12 +98,9 @@ class _Link:
     async def _write(self) -> None:
         try:
             if self.connection is None:
-                pool = self._batcher.client.connection_pool
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-                if self.broken:  # failed (and closed) while connecting
-                    await pool.release(connection)
-                    return
-                self.connection = connection
+                connection = self.connection = self._batcher.new_connection()
+                await asyncio.wait_for(connection.connect(), self._batcher.connect_timeout)  # type: ignore[no-untyped-call]
+            connection = self.connection
             while self._outbox and not self.broken:
                 batch = self._outbox.popleft()
                 # A script this connection has not loaded yet is loaded in the same write, before its
@@ -113,9 +113,13 @@ class _Link:
                 ]
                 self._inflight.extend([None] * len(loads))  # before the write: the reader may be waiting
                 self._inflight.extend(batch)
-                await self.connection.send_packed_command(b"".join(packed), check_health=False)
+                loop = asyncio.get_running_loop()
+                self._written.extend([loop.time()] * (len(loads) + len(batch)))
+                if self._watchdog is None and self._batcher.timeout is not None:
+                    self._watchdog = loop.call_at(loop.time() + self._batcher.timeout, self._check)
+                await connection.send_packed_command(b"".join(packed), check_health=False)
                 if self.reader is None and not self.broken:
-                    self.reader = asyncio.ensure_future(self._read(self.connection))
+                    self.reader = asyncio.ensure_future(self._read(connection))
         except Exception as exc:
             self.fail(exc)
         finally:
@@ -129,6 +133,7 @@ class _Link:
                 except ResponseError as exc:  # a reply like any other: the connection stays in step
                     reply = exc
                 call = self._inflight.popleft()
+                self._written.popleft()
                 if call is None:
                     continue  # a SCRIPT LOAD (if it failed, its calls get NOSCRIPT and retry: Rule 2)
                 if call.deferred:  # its waiter resumes after the urgent calls read with it
@@ -140,13 +145,33 @@ class _Link:
         finally:
             self.reader = None
 
+    def _check(self) -> None:
+        """The watchdog: the oldest call without a reply may wait ``timeout`` seconds since its write
+        (the client's socket timeout, ``METER_QUOTA_TIMEOUT``: one timer per connection instead of
+        one per read and write)."""
+        self._watchdog = None
+        if self.broken or not self._written:
+            return
+        loop = asyncio.get_running_loop()
+        timeout = self._batcher.timeout
+        assert timeout is not None
+        deadline = self._written[0] + timeout
+        if loop.time() >= deadline:
+            self.fail(RedisTimeoutError(f"no reply from Redis within {timeout:g}s"))
+        else:
+            self._watchdog = loop.call_at(deadline, self._check)
+
     def fail(self, exc: Exception) -> None:
         """Rule 2: the connection is gone; so are the replies of everything written or queued on it."""
         if self.broken:
             return
         self.broken = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         calls = [*self._inflight, *(call for batch in self._outbox for call in batch)]
         self._inflight.clear()
+        self._written.clear()
         self._outbox.clear()
         for call in calls:
             if call is not None and not call.future.done():
@@ -155,9 +180,7 @@ class _Link:
             self._batcher.retire(self)
 
     async def aclose(self, timeout: float) -> None:
-        """Wait (at most ``timeout``) for the replies of what was sent, then hand the connection back
-        to the pool (the client's ``aclose`` closes it). A broken link's connection is closed first,
-        and its tasks are let go, so that no stale reader is left on a connection the pool lends out."""
+        """Wait (at most ``timeout``) for the replies of what was sent, then close the connection."""
         if self.closing:
             return
         self.closing = True
@@ -172,22 +195,27 @@ class _Link:
                 await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
             if self.busy:
                 self.fail(TimeoutError("the quota store was closed with calls unanswered"))
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         connection, self.connection = self.connection, None
-        if connection is None:
-            return
-        if self.broken:
+        if connection is not None:
             with contextlib.suppress(Exception):
-                await connection.disconnect()
-            running = [t for t in (self.writer, self.reader) if t is not None]
-            if running:
-                await asyncio.wait(running, timeout=1.0)
-        await self._batcher.client.connection_pool.release(connection)
+                await connection.disconnect()  # the reader, if any, ends on it
+        running = [t for t in (self.writer, self.reader) if t is not None and t is not asyncio.current_task()]
+        if running:
+            await asyncio.wait(running, timeout=1.0)
 
 
 class ScriptBatcher:
     def __init__(self, client: Redis, *, linger: float = DEFAULT_LINGER) -> None:
         self.client = client
         self._linger = linger
+        # seconds a call may wait for its reply: the client's socket timeout (METER_QUOTA_TIMEOUT)
+        kwargs = client.connection_pool.connection_kwargs
+        self.timeout: float | None = kwargs.get("socket_timeout")
+        # connecting (with the handshake) may take longer: a burst opens it while the loop is busy
+        self.connect_timeout: float | None = kwargs.get("socket_connect_timeout") or self.timeout
         self._queue: list[_Call] = []
         self._soon = False  # a flush is scheduled for the next loop iteration
         self._timer: asyncio.TimerHandle | None = None  # a flush for deferred calls
@@ -219,6 +247,16 @@ class ScriptBatcher:
             await link.aclose(timeout)
         if self._retired:
             await asyncio.wait(self._retired, timeout=timeout)
+
+    def new_connection(self) -> AbstractConnection:
+        """A connection made like the client's pool makes them (address, credentials, TLS, database),
+        kept out of the pool, and without per-read and per-write timeouts: the link's watchdog keeps
+        the time instead (a socket timeout costs a timer per read and a task per write)."""
+        pool = self.client.connection_pool
+        connection: AbstractConnection = pool.connection_class(
+            **{**pool.connection_kwargs, "socket_timeout": None}
+        )
+        return connection
 
     def _flush(self) -> None:
         self._soon = False
