@@ -41,10 +41,14 @@ class KeyFingerprinter:
         if len(secret) < 16:
             raise SettingsError("METER_KEY_SECRET must be at least 16 bytes long")
         self._secret = secret
+        # keyed once: a copy per request skips HMAC's key setup (OpenSSL 3 also looks the digest
+        # up again for every new HMAC), ~40% of the fingerprint's cost
+        self._keyed = hmac.new(secret, digestmod=hashlib.sha256)
 
     def identify(self, key: str) -> KeyIdentity:
-        digest = hmac.new(self._secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()
-        return KeyIdentity(fingerprint=digest, suffix="..." + key[-4:])
+        mac = self._keyed.copy()
+        mac.update(key.encode("utf-8", "surrogateescape"))
+        return KeyIdentity(fingerprint=mac.hexdigest(), suffix="..." + key[-4:])
 
 
 def load_key_secret(settings: Settings) -> bytes:
