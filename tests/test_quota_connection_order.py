@@ -1,7 +1,8 @@
-"""The forward path settles a reservation while the response's last byte goes out, and admits the
-next request on the same client connection only once that settle is done: a client sending request
-after request on a keep-alive connection is judged on its settled spend, even when the quota store
-is slow to answer."""
+"""The forward path settles a reservation while the response's last byte goes out. With a store that
+applies a settle only after an await (not ``ordered``), it admits the next request on the same client
+connection only once that settle is done: a client sending request after request on a keep-alive
+connection is judged on its settled spend, even when the quota store is slow to answer. (Ordered
+stores, the in-memory and Redis ones, need no wait: tests/test_quota_redis_batch.py.)"""
 
 from __future__ import annotations
 
