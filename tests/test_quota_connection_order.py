@@ -7,22 +7,26 @@ stores, the in-memory and Redis ones, need no wait: tests/test_quota_redis_batch
 from __future__ import annotations
 
 import asyncio
+import secrets
 from datetime import datetime
 from typing import Any
 
 import httpx
 import orjson
+import redis
 
 from meter.forward import create_upstream
 from meter.identity import KeyFingerprinter
 from meter.proxy import Proxy
 from meter.quota.policy import Limits
+from meter.quota.redis_store import RedisStore, connect
 from meter.quota.spend import Spend
 from meter.quota.store import Reservation, Settlement
 from meter.records import UsageRecord
 from tests.support.serve import serve_in_thread
 from tests.support.upstreams import ScriptedUpstream
 from tests.test_quota_admission import INFO, CountingStore, make_admission
+from tests.test_quota_store import REDIS_URL
 
 SETTLE_DELAY = 0.3  # a quota store answering settles slowly
 KEY = "fw_serial_key_0009"
@@ -56,10 +60,9 @@ class ProxyApp:
         await self.proxy(scope, receive, send)
 
 
-def test_the_next_request_on_a_connection_waits_for_the_previous_settle() -> None:
-    fingerprinter = KeyFingerprinter(b"0123456789abcdef0123")
-    fingerprint = fingerprinter.identify(KEY).fingerprint
-    admission, _ = make_admission(SlowSettles(), key=Limits(max_concurrent=1), fingerprint=fingerprint)
+def _serve_and_send(admission: Any, fingerprinter: KeyFingerprinter) -> tuple[list[int], httpx.Response, int]:
+    """Four requests on one keep-alive connection, then one on another: statuses, that response, and
+    how many requests reached the upstream."""
     upstream_app = ScriptedUpstream()
     upstream_app.script.headers = [(b"content-type", b"application/json")]
     upstream_app.script.chunks = [orjson.dumps({"id": "r", "object": "chat.completion", "choices": []})]
@@ -79,10 +82,41 @@ def test_the_next_request_on_a_connection_waits_for_the_previous_settle() -> Non
             headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
             with httpx.Client(base_url=meter.url, headers=headers, timeout=10) as client:
                 statuses = [client.post("/v1/chat/completions", content=body).status_code for _ in range(4)]
-                # The response came back before its settle finished: a request on another
+                # The response came back before its settle reached the store: a request on another
                 # connection right now still sees the one slot held (conservative, documented).
                 with httpx.Client(base_url=meter.url, headers=headers, timeout=10) as other:
                     elsewhere = other.post("/v1/chat/completions", content=body)
+    assert len(records) == 5
+    return statuses, elsewhere, len(upstream_app.received)
+
+
+def test_the_next_request_on_a_connection_waits_for_the_previous_settle() -> None:
+    fingerprinter = KeyFingerprinter(b"0123456789abcdef0123")
+    fingerprint = fingerprinter.identify(KEY).fingerprint
+    admission, _ = make_admission(SlowSettles(), key=Limits(max_concurrent=1), fingerprint=fingerprint)
+    statuses, elsewhere, forwarded = _serve_and_send(admission, fingerprinter)
     assert statuses == [200, 200, 200, 200]
     assert elsewhere.status_code == 429 and elsewhere.json()["error"]["code"] == "rate_limit_exceeded"
-    assert len(records) == 5 and len(upstream_app.received) == 4
+    assert forwarded == 4
+
+
+def test_with_redis_the_next_request_is_ordered_after_the_previous_settle() -> None:
+    """The Redis store is ordered: the forward path does not wait, and a settle still lingering for
+    company (1 s here) travels with the next reserve, ahead of it: a key allowed one request at a
+    time is never refused while its requests come one after another."""
+    fingerprinter = KeyFingerprinter(b"0123456789abcdef0123")
+    fingerprint = fingerprinter.identify(KEY).fingerprint
+    prefix = f"meter-test:{secrets.token_hex(6)}:"
+    store = RedisStore(connect(REDIS_URL, timeout=5.0), prefix=prefix, settle_linger=1.0)
+    admission, _ = make_admission(store, key=Limits(max_concurrent=1), fingerprint=fingerprint)
+    try:
+        statuses, elsewhere, forwarded = _serve_and_send(admission, fingerprinter)
+    finally:
+        cleanup = redis.Redis.from_url(REDIS_URL)
+        keys = list(cleanup.scan_iter(match=prefix + "*"))
+        if keys:
+            cleanup.delete(*keys)
+        cleanup.close()
+    # A reserve from another connection also comes after the lingering settle in the store's order.
+    assert statuses == [200, 200, 200, 200] and elsewhere.status_code == 200
+    assert forwarded == 5
