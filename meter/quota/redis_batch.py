@@ -23,9 +23,9 @@ Rule 2: each call keeps its own outcome. A script error fails that call only. A 
         LOAD) on each new connection in the write that first calls it, so a restarted Redis knows it
         again; a NOSCRIPT all the same (a SCRIPT FLUSH on a live connection) reloads the script and
         retries that call, which then loses its place in Rule 1's order. An error of the connection
-        (refused, reset, a reply later than the client's socket timeout) fails every call written or
-        queued on it that has no reply yet, as it would have failed each of them sent alone; the next
-        call opens a new connection.
+        (refused, reset, no reply within the client's socket timeout of a write: the link's watchdog)
+        fails every call written or queued on it that has no reply yet, as it would have failed each
+        of them sent alone; the next call opens a new connection.
 Rule 3: Redis runs each script atomically whatever the batch; a pipeline without MULTI only saves round
         trips.
 """
