@@ -5,6 +5,9 @@ with its own reply or error."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,6 +21,7 @@ from meter.quota.redis_store import RedisStore, connect
 from meter.quota.runtime import create_store
 from meter.records import Usage
 from meter.settings import SettingsError, load_settings
+from tests.support.processes import free_port
 from tests.test_quota_admission import FP, INFO, T0, make_admission
 from tests.test_quota_store import REDIS_URL, RedisHandle, redis_handle
 
@@ -252,3 +256,62 @@ async def test_a_silent_redis_fails_the_calls_after_the_timeout_and_is_replaced(
         server.close()
         for writer in accepted:
             writer.close()
+
+
+async def _start_redis(port: int, workdir: Path) -> asyncio.subprocess.Process:
+    server = shutil.which("redis-server")
+    assert server, "redis-server is not on PATH (Debian package redis-server; .ci/run also starts it)"
+    process = await asyncio.create_subprocess_exec(
+        server,
+        *(
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(workdir),
+        ),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    client = connect(f"redis://127.0.0.1:{port}/0", timeout=1.0)
+    try:
+        for _ in range(100):
+            with contextlib.suppress(RedisConnectionError, OSError):
+                if await client.ping():
+                    return process
+            await asyncio.sleep(0.05)
+    finally:
+        await client.aclose()
+    raise AssertionError("redis-server did not start")
+
+
+async def test_a_restarted_redis_is_used_again_and_loads_the_scripts_in_the_first_write(
+    tmp_path: Path,
+) -> None:
+    """Redis restarts (no persistence: it knows no scripts): the call in flight or the next one fails,
+    then a new connection is opened and the script is loaded in the same write as its call."""
+    port = free_port()
+    redis_process = await _start_redis(port, tmp_path)
+    client = connect(f"redis://127.0.0.1:{port}/0", timeout=0.5)
+    incr = client.register_script(INCR)
+    batcher = Recording(client)
+    try:
+        assert await batcher.call(incr, ["k"], [1]) == 1
+        redis_process.kill()
+        await redis_process.wait()
+        with pytest.raises((RedisConnectionError, RedisTimeoutError, OSError)):
+            await batcher.call(incr, ["k"], [1])
+        redis_process = await _start_redis(port, tmp_path)
+        written = len(batcher.sizes)
+        assert await batcher.call(incr, ["k"], [5]) == 5  # a new server: the counter starts again
+        assert len(batcher.sizes) == written + 1  # one write: SCRIPT LOAD and EVALSHA together
+    finally:
+        await batcher.aclose()
+        await client.aclose()
+        redis_process.kill()
+        await redis_process.wait()
