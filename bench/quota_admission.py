@@ -8,8 +8,10 @@ as the forward path starts it, not awaited by the next request: from its start u
 which for Redis includes waiting up to the store's linger for the next reserve to travel with), plus
 the no-policy path for reference; and the process's CPU per admit + settle.
 
-Modes: ``sequential`` (one request at a time: the pure added latency) and ``concurrent`` (``-c`` tasks
-in one event loop, as a busy proxy would run them: latency then includes waiting for the loop).
+Modes: ``sequential`` (one request at a time: the added latency without load; with Redis each admit
+carries the previous request's settle, as back-to-back requests do in the proxy) and ``concurrent``
+(``-c`` tasks in one event loop, as a busy proxy would run them: latency then includes waiting for the
+loop).
 
     .venv/bin/python bench/quota_admission.py                  # memory and redis, both modes
     .venv/bin/python bench/quota_admission.py --store redis -n 50000 -c 64
