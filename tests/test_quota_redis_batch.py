@@ -50,7 +50,6 @@ async def test_calls_of_one_loop_turn_share_a_write_and_keep_their_replies_in_or
     client, key = redis_handle.client, redis_handle.prefix + "n"
     incr = client.register_script(INCR)
     batcher = Recording(client)
-    await client.script_load(INCR)  # (an unknown script would make each batch go twice)
     replies = await asyncio.gather(*(batcher.call(incr, [key], [i]) for i in range(1, 101)))
     assert batcher.sizes == [100]
     assert replies == [i * (i + 1) // 2 for i in range(1, 101)]  # each its own running sum, in order
@@ -68,7 +67,6 @@ async def test_writes_do_not_wait_for_replies_and_redis_runs_calls_in_the_order_
     client, key = redis_handle.client, redis_handle.prefix + "o"
     incr = client.register_script(INCR)
     batcher = Recording(client)
-    await client.script_load(INCR)
     futures = []
     for i in range(1, 41):
         futures.append(batcher.call(incr, [key], [i]))
@@ -84,8 +82,6 @@ async def test_a_deferred_call_travels_with_the_next_urgent_call_and_is_applied_
     client, key = redis_handle.client, redis_handle.prefix + "d"
     set_value = client.register_script("return redis.call('SET', KEYS[1], ARGV[1])")
     get_value = client.register_script("return redis.call('GET', KEYS[1])")
-    for script in (set_value, get_value):
-        await client.script_load(script.script)
     batcher = Recording(client, linger=5.0)  # nothing but the urgent call can send it
     deferred = batcher.call(set_value, [key], ["settled"], defer=True)
     await asyncio.sleep(0.05)
@@ -98,7 +94,6 @@ async def test_a_deferred_call_travels_with_the_next_urgent_call_and_is_applied_
 async def test_a_deferred_call_alone_goes_out_after_the_linger(redis_handle: RedisHandle) -> None:
     client, key = redis_handle.client, redis_handle.prefix + "l"
     incr = client.register_script(INCR)
-    await client.script_load(INCR)
     batcher = Recording(client, linger=0.05)
     started = asyncio.get_running_loop().time()
     assert await batcher.call(incr, [key], [3], defer=True) == 3
@@ -109,7 +104,6 @@ async def test_a_deferred_call_alone_goes_out_after_the_linger(redis_handle: Red
 async def test_closing_sends_what_is_deferred(redis_handle: RedisHandle) -> None:
     client, key = redis_handle.client, redis_handle.prefix + "c"
     incr = client.register_script(INCR)
-    await client.script_load(INCR)
     batcher = ScriptBatcher(client, linger=60.0)
     deferred = batcher.call(incr, [key], [7], defer=True)
     await batcher.aclose()

@@ -136,6 +136,13 @@ class _Link:
                 self._written.popleft()
                 if call is None:
                     continue  # a SCRIPT LOAD (if it failed, its calls get NOSCRIPT and retry: Rule 2)
+                if isinstance(reply, NoScriptError) and not call.reloaded:
+                    # Redis forgot the script on a live connection (SCRIPT FLUSH): load it again in
+                    # the next write, with this call, once (Rule 2)
+                    call.reloaded = True
+                    self._loaded.discard(call.script.sha)
+                    self._batcher.requeue(call)
+                    continue
                 if call.deferred:  # its waiter resumes after the urgent calls read with it
                     asyncio.get_running_loop().call_soon(self._batcher.resolve, call, reply)
                 else:
@@ -187,9 +194,8 @@ class _Link:
         if not self.broken:
             deadline = asyncio.get_running_loop().time() + timeout
             while self.busy and (left := deadline - asyncio.get_running_loop().time()) > 0:
-                running = [
-                    t for t in (self.writer, self.reader) if t is not None
-                ]  # (the writer starts the reader)
+                # (the writer starts the reader: look again after each task ends)
+                running = [t for t in (self.writer, self.reader) if t is not None]
                 if not running:
                     break
                 await asyncio.wait(running, timeout=left, return_when=asyncio.FIRST_COMPLETED)
@@ -221,7 +227,6 @@ class ScriptBatcher:
         self._timer: asyncio.TimerHandle | None = None  # a flush for deferred calls
         self._link: _Link | None = None
         self._retired: set[asyncio.Task[None]] = set()  # broken links being closed
-        self._loading: dict[str, asyncio.Task[Any]] = {}  # SCRIPT LOADs by sha (Rule 2)
 
     def call(
         self, script: AsyncScript, keys: list[str], args: list[Any], *, defer: bool = False
@@ -240,7 +245,7 @@ class ScriptBatcher:
         return future
 
     async def aclose(self, timeout: float = 1.0) -> None:
-        """Send what is queued, wait for its replies (at most ``timeout``) and hand the connection back."""
+        """Send what is queued, wait for its replies (at most ``timeout``) and close the connection."""
         self._flush()
         if self._link is not None:
             link, self._link = self._link, None
@@ -277,34 +282,18 @@ class ScriptBatcher:
         self._retired.add(task)
         task.add_done_callback(self._retired.discard)
 
+    def requeue(self, call: _Call) -> None:
+        """Send ``call`` again, urgently (a retry after NOSCRIPT: Rule 2)."""
+        self._queue.append(call)
+        if not self._soon:
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
     def resolve(self, call: _Call, reply: Any) -> None:
         future = call.future
         if future.done():
             return
-        if isinstance(reply, NoScriptError) and not call.reloaded:
-            call.reloaded = True  # Redis forgot the script (restart, failover, SCRIPT FLUSH)
-            self._reload(call)
-        elif isinstance(reply, Exception):
+        if isinstance(reply, Exception):
             future.set_exception(reply)
         else:
             future.set_result(reply)
-
-    def _reload(self, call: _Call) -> None:
-        sha = call.script.sha
-        loading = self._loading.get(sha)
-        if loading is None:
-            loading = self._loading[sha] = asyncio.ensure_future(self.client.script_load(call.script.script))
-            loading.add_done_callback(lambda _: self._loading.pop(sha, None))
-
-        def again(done: asyncio.Task[Any]) -> None:
-            if call.future.done():
-                return
-            if done.cancelled() or done.exception() is not None:
-                call.future.set_exception(done.exception() or asyncio.CancelledError())
-                return
-            self._queue.append(call)
-            if not self._soon:
-                self._soon = True
-                asyncio.get_running_loop().call_soon(self._flush)
-
-        loading.add_done_callback(again)
