@@ -225,8 +225,12 @@ async def test_a_silent_redis_fails_the_calls_after_the_timeout_and_is_replaced(
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         accepted.append(writer)
         while data := await reader.read(1 << 20):
-            if b"EVALSHA" not in data and b"SCRIPT" not in data:  # the handshake: HELLO, CLIENT ...
-                writer.write(b"+OK\r\n" * sum(1 for part in data.split(b"\r\n") if part.startswith(b"*")))
+            if b"EVALSHA" in data or b"SCRIPT" in data:
+                continue
+            # The handshake: CLIENT SETINFO (+OK) and, where redis-py defaults to RESP3 (8.x), HELLO 3,
+            # whose answer is a map that must carry the protocol it asked for.
+            for command in data.split(b"\r\n*"):
+                writer.write(b"%1\r\n+proto\r\n:3\r\n" if b"HELLO" in command else b"+OK\r\n")
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
