@@ -22,6 +22,8 @@ import aiohttp
 import uvicorn
 import yarl
 
+from meter.gc_tuning import settle_collector
+
 Scope = dict[str, Any]
 Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -116,7 +118,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--host", default="127.0.0.1")
     args = parser.parse_args(argv)
-    # The same server options as ``meter serve``, so the two differ only in the app.
+    # The same server options and collector settings as ``meter serve``, so the two differ only in
+    # the app.
+    settle_collector()
     uvicorn.run(
         PassThrough(args.upstream),
         host=args.host,

@@ -16,7 +16,6 @@ let in-flight requests finish within the grace period).
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from meter.db.engine import create_engine, ping
 from meter.db.migrate import upgrade
 from meter.errors import MeterError
 from meter.forward import Upstream, create_upstream
+from meter.gc_tuning import settle_collector
 from meter.health import ROUTES as HEALTH_ROUTES
 from meter.health import ReadinessProbe
 from meter.identity import KeyFingerprinter, load_key_secret
@@ -212,11 +212,7 @@ def create_app(
         app.state.engine = runtime.engine
         app.state.tenancy = tenancy
         app.state.quota = quotas.admission
-        # Everything alive now (modules, the app) lives until exit: freeze it out of the collector's
-        # scans and collect less often. Unfrozen, full collections paused the loop ~70 ms under load.
-        gc.collect()
-        gc.freeze()
-        gc.set_threshold(50_000, 50, 100)
+        settle_collector()
 
     async def on_shutdown(app: Litestar) -> None:
         await upstream.aclose()

@@ -175,6 +175,7 @@ def simulate(host: str, port: int, ttft_ms: float, token_delay_ms: float, comple
     """Run a Fireworks-compatible upstream simulator (for demos, tests and benchmarks)."""
     import uvicorn
 
+    from meter.gc_tuning import settle_collector
     from meter.simulator import SimulatorConfig, create_simulator
 
     app = create_simulator(
@@ -183,6 +184,7 @@ def simulate(host: str, port: int, ttft_ms: float, token_delay_ms: float, comple
     click.echo(
         f"simulator listening on http://{host}:{port} (point meter at it: --upstream http://{host}:{port})"
     )
+    settle_collector(None)  # the benchmark's upstream: its collector's pauses would count against meter
     uvicorn.run(
         app,
         host=host,
