@@ -85,9 +85,18 @@ class Runtime:
     extra_sinks: list[Any] = field(default_factory=list)
 
     def emit(self, record: UsageRecord) -> None:
-        # Billing data first: a failing telemetry sink must never cost a record.
+        """Journal the record and hand it to every sink (what the proxy does in two steps)."""
+        self.journal(record)
+        self.observe(record)
+
+    def journal(self, record: UsageRecord) -> None:
+        """Billing data: the durable step, which the proxy takes before the response's last byte."""
         if self.pipeline is not None:
             self.pipeline.submit(record)
+
+    def observe(self, record: UsageRecord) -> None:
+        """Metrics, request log, OpenTelemetry: the proxy calls this once the response is out (no
+        client waits on them). A failing sink is logged; it never costs a record or another sink."""
         for sink in (self.metrics.observe, *self.sinks, *self.extra_sinks):
             try:
                 sink(record)
@@ -249,7 +258,8 @@ def create_app(
         upstream=upstream,
         upstream_url=settings.upstream_url,
         fingerprinter=runtime.fingerprinter,
-        emit=runtime.emit,
+        emit=runtime.journal,
+        observe=runtime.observe,
         max_request_bytes=settings.max_request_bytes,
         on_observe_error=metrics.observe_error,
         tracer=tracer,

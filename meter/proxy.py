@@ -15,7 +15,10 @@ Rule 4 (the client leaving stops the upstream): a watcher task waits for ``http.
         stops generating. The watcher starts only once an exchange has lasted ``WATCH_AFTER_S``
         (a timer is far cheaper than a task, and most non-streamed exchanges are over sooner): a
         client that left earlier is noticed then, so the upstream stops at most that much later.
-Rule 5 (the hot path never waits on a sink): ``emit`` must return at once (the writer queues).
+Rule 5 (the hot path never waits on a sink): ``emit`` (the journal append, the one step a record's
+        durability needs) must return at once (the writer queues); ``observe`` (metrics, request log,
+        OpenTelemetry) and the span's end run once per record after the response's last byte was
+        sent, or from the ``finally`` when there was none: no client waits for them.
 Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admitted after its key is
         resolved and before anything is sent upstream; a refused one gets the hook's 429/503 and is
         recorded as ``rejected``. An admitted request's reservation is settled exactly once with what
@@ -86,6 +89,7 @@ class _Exchange:
         "key_fingerprint",
         "key_suffix",
         "observation",
+        "observed",
         "quota_headers",
         "record",
         "rejection",
@@ -112,6 +116,7 @@ class _Exchange:
         self.t0 = t0
         self.start_ns = start_ns
         self.emitted = False
+        self.observed = False
         self.endpoint: str = scope["path"]
         self.request_id: str | None = None
         self.client_gone = False
@@ -147,6 +152,7 @@ class Proxy:
         fingerprinter: KeyFingerprinter,
         emit: Callable[[UsageRecord], None],
         max_request_bytes: int,
+        observe: Callable[[UsageRecord], None] | None = None,
         on_observe_error: Callable[[str], None] | None = None,
         tracer: TraceHook | None = None,
         tenancy: TenancyHook | None = None,
@@ -160,6 +166,7 @@ class Proxy:
         self._base = upstream_url.rstrip("/")
         self._fingerprinter = fingerprinter
         self._emit = emit
+        self._observe = observe
         self._max_request_bytes = max_request_bytes
         self._on_observe_error = on_observe_error
         self._clock = clock
@@ -172,6 +179,7 @@ class Proxy:
         finally:
             self._finalize(x)
             self._start_settle(x)
+            self._observed(x)
             if x.settling is not None:
                 await asyncio.shield(x.settling)
 
@@ -182,6 +190,16 @@ class Proxy:
         x.emitted = True
         record = x.record = self._record(x.scope, x, x.t0, datetime.fromtimestamp(x.start_ns / 1e9, UTC))
         self._emit(record)
+
+    def _observed(self, x: _Exchange) -> None:
+        """Hand the record to the sinks and end the span, once, after the response's last byte went
+        out where it could (Rule 5)."""
+        record = x.record
+        if x.observed or record is None:
+            return
+        x.observed = True
+        if self._observe is not None:
+            self._observe(record)
         if x.span is not None and self._tracer is not None:
             self._tracer.finish(x.span, record)
 
@@ -303,13 +321,17 @@ class Proxy:
 
     async def _relay(self, response: UpstreamResponse, send: Send, x: _Exchange) -> None:
         lowered, client_headers = split_response_headers(response.headers)
-        observer = ResponseObserver(
-            x.endpoint,
-            status_code=response.status,
-            headers=lowered,
-            prompt_tokens_estimate=x.info.prompt_tokens_estimate,
-            on_error=self._on_observe_error,
-        )
+
+        def observe() -> ResponseObserver:
+            return ResponseObserver(
+                x.endpoint,
+                status_code=response.status,
+                headers=lowered,
+                prompt_tokens_estimate=x.info.prompt_tokens_estimate,
+                on_error=self._on_observe_error,
+            )
+
+        observer: ResponseObserver | None = None
         x.status = response.status
         x.request_id = lowered.get("x-request-id")
         declared = lowered.get("content-length")
@@ -327,6 +349,8 @@ class Proxy:
                 }
             )
             x.t_client_headers = self._clock()
+            # Made once the head is out: reading the fireworks-* headers need not delay it.
+            observer = observe()
             clock = self._clock
             ended = False  # the client was sent more_body=False
             async for chunk in response.chunks():
@@ -346,8 +370,11 @@ class Proxy:
                     if completes:  # the last body message, not one more empty one after it
                         ended, x.relaying = True, False
                         await send({"type": "http.response.body", "body": chunk, "more_body": False})
+                        self._observed(x)
                         continue
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                    if x.emitted:  # "data: [DONE]" went out: complete in the client's eyes
+                        self._observed(x)
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 observer.feed(chunk, now)
@@ -357,11 +384,12 @@ class Proxy:
             self._start_settle(x)
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
+                self._observed(x)
             if x.settling is not None:
                 await asyncio.shield(x.settling)
         finally:
             if x.observation is None:
-                x.observation = observer.finish(aborted=True)
+                x.observation = (observer or observe()).finish(aborted=True)
 
     async def _read_body(
         self, headers: list[tuple[bytes, bytes]], receive: Receive, x: _Exchange
