@@ -313,3 +313,24 @@ async def test_a_restarted_redis_is_used_again_and_loads_the_scripts_in_the_firs
         await client.aclose()
         redis_process.kill()
         await redis_process.wait()
+
+
+@pytest.mark.parametrize(("query", "resp"), [("", "2"), ("&protocol=3", "3")])
+async def test_the_link_speaks_resp2_unless_the_url_asks_for_resp3(query: str, resp: str) -> None:
+    """redis-py 8 defaults to RESP3 (HELLO 3, which servers before Redis 6 and some proxies refuse,
+    with push notifications that would interleave with pipelined replies); meter's connections use
+    RESP2 unless METER_REDIS_URL says ?protocol=3. Read off the real server's CLIENT LIST."""
+    name = f"meter-test-{free_port()}"
+    client = connect(f"{REDIS_URL}?client_name={name}{query}", timeout=2.0)
+    batcher = ScriptBatcher(client)
+    observer = connect(REDIS_URL, timeout=2.0)
+    try:
+        assert await batcher.call(client.register_script("return 7"), [], []) == 7
+        listed = await observer.client_list()
+        link = [c for c in listed if c.get("name") == name]
+        assert len(link) == 1, listed
+        assert link[0]["resp"] == resp
+    finally:
+        await batcher.aclose()
+        await client.aclose()
+        await observer.aclose()

@@ -70,9 +70,15 @@ def connect(
     and a pool that makes a burst wait up to ``pool_timeout`` for a free connection (redis-py's default
     pool instead fails the 101st concurrent call, which admission would take for Redis being down).
     Connecting may take longer than a call (``connect_timeout``, default ``max(timeout, 1 s)``): a burst
-    opens many connections at once while the event loop is busy with the requests that caused it."""
+    opens many connections at once while the event loop is busy with the requests that caused it.
+
+    The protocol is RESP2 unless the URL says otherwise (``?protocol=3``): every Redis and Redis-like
+    server speaks it, and it has no push messages to interleave with the batcher's pipelined replies
+    (redis-py 8 defaults to RESP3: ``HELLO 3``, which servers before Redis 6 and some proxies refuse,
+    and it switches on maintenance push notifications)."""
     pool = BlockingConnectionPool.from_url(
         url,
+        protocol=2,
         max_connections=max_connections,
         timeout=pool_timeout,
         socket_timeout=timeout,
