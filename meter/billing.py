@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
-from meter.pricing import PriceCatalog, PriceRow, compute_cost, from_nanos, to_nanos
+from meter.pricing import PriceCatalog, PriceRow, cost_nanos, from_nanos
 from meter.records import Usage
 
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
@@ -85,13 +85,18 @@ class PricedCatalog:
         self._refs = refs
         self.sources = {"sheet": [*sheet], "file": [*file], "db": [*db]}
         self._memo: dict[tuple[str, datetime], PriceRow | None] = {}
+        self._hour = self._hour_end = datetime.min.replace(tzinfo=UTC)  # the hour last looked up
 
     def lookup(self, model: str | None, at: datetime) -> PriceRow | None:
         """:meth:`PriceCatalog.lookup`, memoised per model and UTC hour when no row of the model's
         chain starts inside that hour (the common case: one answer per model for the whole hour)."""
         if not model:
             return None
-        hour = at.replace(minute=0, second=0, microsecond=0)
+        if self._hour <= at < self._hour_end:  # two comparisons instead of truncating ``at`` each time
+            hour = self._hour
+        else:
+            hour = at.replace(minute=0, second=0, microsecond=0)
+            self._hour, self._hour_end = hour, hour + timedelta(hours=1)
         key = (model, hour)
         if key in self._memo:
             return self._memo[key]
@@ -159,10 +164,10 @@ def price_record(record: Priced, catalog: PricedCatalog) -> tuple[int | None, st
     row = pick_row(catalog, record)
     if row is None:
         return None, None
-    cost = compute_cost(usage, row.price)
-    if cost is None:  # pragma: no cover - compute_cost only says None for no usage, excluded above
+    nanos = cost_nanos(usage, row.price)  # compute_cost's, in integers
+    if nanos is None:  # pragma: no cover - None only for no usage, excluded above
         return None, None
-    return to_nanos(cost), catalog.ref(row)
+    return nanos, catalog.ref(row)
 
 
 def is_unpriced(usage: Usage, cost_nanos: int | None) -> bool:

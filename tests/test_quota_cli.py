@@ -246,11 +246,16 @@ def test_status_from_redis(run: Any, redis_prefix: str) -> None:
             await store.aclose()
 
     asyncio.run(admit_one())
-    redis_env = {"METER_REDIS_URL": "redis://:sekrit@127.0.0.1:6379/0", "METER_QUOTA_PREFIX": redis_prefix}
+    # Credentials in the URL are never shown. The test server has no password: its default user takes
+    # any (AUTH default sekrit), where a password alone (AUTH sekrit) would be refused.
+    redis_env = {
+        "METER_REDIS_URL": "redis://default:sekrit@127.0.0.1:6379/0",
+        "METER_QUOTA_PREFIX": redis_prefix,
+    }
     result = run("quota", "status", "--team", "search", "--format", "json", extra_env=redis_env)
     status = json.loads(result.output)
     assert status["source"] == "redis" and status["redis"] == "redis://127.0.0.1:6379/0"
-    assert "sekrit" not in result.output
+    assert "sekrit" not in result.output and "default:" not in result.output
     by_kind = {limit["kind"]: limit for limit in status["data"][0]["limits"]}
     assert (by_kind["budget_usd"]["used"], by_kind["budget_usd"]["reserved"]) == ("0", "0.5")
     assert (by_kind["rpm"]["used"], by_kind["rpm"]["remaining"]) == (1, 59)
