@@ -32,7 +32,7 @@ from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from typing import Any, Protocol
 
-from meter.pricing import PriceCatalog, PriceRow, cost_nanos, from_nanos
+from meter.pricing import PriceCatalog, PriceRow, compute_cost, from_nanos, to_nanos
 from meter.records import Usage
 
 FIREWORKS_PREFIX = "accounts/fireworks/models/"
@@ -164,10 +164,10 @@ def price_record(record: Priced, catalog: PricedCatalog) -> tuple[int | None, st
     row = pick_row(catalog, record)
     if row is None:
         return None, None
-    nanos = cost_nanos(usage, row.price)  # compute_cost's, in integers
-    if nanos is None:  # pragma: no cover - None only for no usage, excluded above
+    cost = compute_cost(usage, row.price)
+    if cost is None:  # pragma: no cover - compute_cost only says None for no usage, excluded above
         return None, None
-    return nanos, catalog.ref(row)
+    return to_nanos(cost), catalog.ref(row)
 
 
 def is_unpriced(usage: Usage, cost_nanos: int | None) -> bool:

@@ -65,46 +65,6 @@ def compute_cost(usage: Usage, price: Price) -> Decimal | None:
     return exact.quantize(NANO, rounding=ROUND_HALF_EVEN)
 
 
-def cost_nanos(usage: Usage, price: Price) -> int | None:
-    """``to_nanos(compute_cost(usage, price))``, the same integer, for the forward path: in integer
-    arithmetic when every price is a whole number of nano-USD per 1M tokens (every price meter
-    stores is, see :mod:`meter.tenancy.prices`), else through :func:`compute_cost`."""
-    if usage.prompt_tokens is None and usage.completion_tokens is None:
-        return None
-    per_million = _nanos_per_million(price)
-    prompt = usage.prompt_tokens or 0
-    completion = usage.completion_tokens or 0
-    cached = min(usage.cached_tokens or 0, prompt)
-    if per_million is not None and prompt >= 0 and completion >= 0 and cached >= 0:
-        input_, cached_input, output = per_million
-        total = (prompt - cached) * input_ + cached * cached_input + completion * output  # nano-USD x 1M
-        nanos, rest = divmod(total, 1_000_000)
-        if rest > 500_000 or (rest == 500_000 and nanos & 1):  # half-even, as compute_cost rounds
-            nanos += 1
-        return nanos
-    cost = compute_cost(usage, price)
-    return None if cost is None else to_nanos(cost)
-
-
-_PER_MILLION: dict[int, tuple[Price, tuple[int, int, int] | None]] = {}  # id(price) -> (price, nanos)
-
-
-def _nanos_per_million(price: Price) -> tuple[int, int, int] | None:
-    """(input, cached input, output) in whole nano-USD per 1M tokens, or None if one is finer.
-    Memoised by identity; the entry keeps its price alive, so an id is never reused while cached."""
-    entry = _PER_MILLION.get(id(price))
-    if entry is not None and entry[0] is price:
-        return entry[1]
-    cached_input = price.cached_input if price.cached_input is not None else price.input
-    scaled = [value * NANOS_PER_USD for value in (price.input, cached_input, price.output)]
-    whole = all(value == value.to_integral_value() for value in scaled)
-    result = (int(scaled[0]), int(scaled[1]), int(scaled[2])) if whole else None
-    if len(_PER_MILLION) >= 4096:  # prices come from the catalog, a few per model; bound it anyway
-        _PER_MILLION.clear()
-    _PER_MILLION[id(price)] = (price, result)
-    return result
-
-
 def to_nanos(usd: Decimal) -> int:
     """Whole nano-USD of an already-rounded amount (see Rule 1)."""
     nanos = usd * NANOS_PER_USD

@@ -322,7 +322,7 @@ class Proxy:
     async def _relay(self, response: UpstreamResponse, send: Send, x: _Exchange) -> None:
         lowered, client_headers = split_response_headers(response.headers)
 
-        def observe() -> ResponseObserver:
+        def new_observer() -> ResponseObserver:
             return ResponseObserver(
                 x.endpoint,
                 status_code=response.status,
@@ -350,7 +350,7 @@ class Proxy:
             )
             x.t_client_headers = self._clock()
             # Made once the head is out: reading the fireworks-* headers need not delay it.
-            observer = observe()
+            observer = new_observer()
             clock = self._clock
             ended = False  # the client was sent more_body=False
             async for chunk in response.chunks():
@@ -389,7 +389,7 @@ class Proxy:
                 await asyncio.shield(x.settling)
         finally:
             if x.observation is None:
-                x.observation = (observer or observe()).finish(aborted=True)
+                x.observation = (observer or new_observer()).finish(aborted=True)
 
     async def _read_body(
         self, headers: list[tuple[bytes, bytes]], receive: Receive, x: _Exchange

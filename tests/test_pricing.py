@@ -14,7 +14,6 @@ from meter.pricing import (
     PriceCatalog,
     PriceRow,
     compute_cost,
-    cost_nanos,
     default_price_rows,
     from_nanos,
     model_size,
@@ -129,32 +128,3 @@ def test_shipped_sheet_is_valid_and_dated():
 def test_bad_sheets_fail_naming_the_entry(sheet, message):
     with pytest.raises(ValueError, match=message):
         parse_price_sheet(sheet)
-
-
-prices = st.one_of(  # whole nano-USD per 1M tokens (the integer path), and finer (the fallback)
-    st.decimals(min_value=0, max_value=10_000, places=places, allow_nan=False, allow_infinity=False)
-    for places in (3, 9, 12)
-)
-tokens = st.one_of(st.none(), st.integers(min_value=0, max_value=10**9))
-
-
-@given(prices, prices, st.one_of(st.none(), prices), tokens, tokens, tokens)
-def test_the_integer_cost_is_compute_costs_to_the_nano(
-    input_: Decimal,
-    output: Decimal,
-    cached_input: Decimal | None,
-    prompt: int | None,
-    completion: int | None,
-    cached: int | None,
-) -> None:
-    """The forward path prices in integers; it must store exactly what the Decimal definition gives,
-    halves rounded to even included, and fall back to it for prices finer than a nano-USD per 1M."""
-    price = Price(input_, output, cached_input)
-    usage = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached)
-    exact = compute_cost(usage, price)
-    assert cost_nanos(usage, price) == (None if exact is None else to_nanos(exact))
-
-
-def test_the_integer_cost_rounds_halves_to_even() -> None:
-    half = Price(Decimal("0.0005"), Decimal(0))  # 0.5 nano-USD per token: 1 token is a half
-    assert [cost_nanos(Usage(prompt_tokens=n, completion_tokens=0), half) for n in (1, 3, 5)] == [0, 2, 2]
