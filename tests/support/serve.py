@@ -55,3 +55,5 @@ def serve_in_thread(app: Any, *, lifespan: str = "auto", timeout: float = 10.0) 
     finally:
         server.should_exit = True
         thread.join(timeout)
+        if thread.is_alive():  # a server left running would outlive its test's database and ports
+            raise RuntimeError(f"test server did not stop within {timeout} s")
