@@ -196,9 +196,10 @@ def test_200_concurrent_requests_against_50_reservations_admit_exactly_50(
 
 @pytest.mark.postgres
 def test_three_meters_sharing_redis_enforce_one_budget_and_one_rpm(
-    start, simulator: SimHandle, redis_prefix: str, db_postgres_url: str
+    db_postgres_url: str, start, simulator: SimHandle, redis_prefix: str
 ) -> None:
-    """Three replicas on one PostgreSQL database and one Redis; requests through all three at once."""
+    """Three replicas on one PostgreSQL database and one Redis; requests through all three at once.
+    (The database fixture comes first so that it is dropped after the meters have stopped.)"""
     from meter.db import migrate
 
     asyncio.run(migrate.upgrade(db_postgres_url))

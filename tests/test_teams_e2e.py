@@ -59,9 +59,10 @@ SECRET = "0123456789abcdef0123456789abcdef"
 
 @pytest.fixture
 def start_on(
-    start_meter: Callable[..., MeterHandle], db_url: str, tmp_path: Path
+    db_url: str, start_meter: Callable[..., MeterHandle], tmp_path: Path
 ) -> Callable[..., MeterHandle]:
-    """start_meter on ``db_url`` (SQLite, or a fresh PostgreSQL database migrated as an operator would)."""
+    """start_meter on ``db_url`` (SQLite, or a fresh PostgreSQL database migrated as an operator would).
+    ``db_url`` comes first so that it is torn down last: the meters stop before their database goes."""
 
     def start(upstream_url: str, **overrides: Any) -> MeterHandle:
         if not db_url.startswith("sqlite"):
