@@ -349,8 +349,8 @@ class Proxy:
                 }
             )
             x.t_client_headers = self._clock()
-            # Made once the head is out: reading the fireworks-* headers need not delay it.
-            observer = new_observer()
+            # The observer is made when first needed: reading the fireworks-* headers delays neither
+            # the head nor a stream's first chunk.
             clock = self._clock
             ended = False  # the client was sent more_body=False
             async for chunk in response.chunks():
@@ -363,6 +363,7 @@ class Proxy:
                     # This chunk may complete the response in the client's eyes: the last byte of a
                     # Content-Length body, or a stream's "data: [DONE]" (the openai SDK stops reading
                     # there). Observe it first and, if so, record first.
+                    observer = observer or new_observer()
                     observer.feed(chunk, now)
                     if completes or observer.done:
                         self._complete(x, observer)
@@ -377,10 +378,12 @@ class Proxy:
                         self._observed(x)
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                observer = observer or new_observer()
                 observer.feed(chunk, now)
             x.relaying = False
             if not x.emitted:
-                self._complete(x, observer)  # a chunked body ends with the terminator sent next
+                # a chunked body ends with the terminator sent next
+                self._complete(x, observer or new_observer())
             self._start_settle(x)
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
