@@ -84,11 +84,6 @@ class Runtime:
     sinks: list[Callable[[UsageRecord], None]] = field(default_factory=list)  # telemetry, after metrics
     extra_sinks: list[Any] = field(default_factory=list)
 
-    def emit(self, record: UsageRecord) -> None:
-        """Journal the record and hand it to every sink (what the proxy does in two steps)."""
-        self.journal(record)
-        self.observe(record)
-
     def journal(self, record: UsageRecord) -> None:
         """Billing data: the durable step, which the proxy takes before the response's last byte."""
         if self.pipeline is not None:

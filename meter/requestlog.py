@@ -1,6 +1,6 @@
 """The request log: one line per request at info level, JSON for machines or text for a terminal.
 
-:class:`RequestLog` is a usage sink (``Runtime.emit`` hands it every record). A JSON line is one
+:class:`RequestLog` is a usage sink (``Runtime.observe`` hands it every record). A JSON line is one
 object, built with orjson on the request's thread (a few microseconds)::
 
     {"ts": "...", "level": "info", "logger": "meter.requests", "event": "request", "event_id": "...",

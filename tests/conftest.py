@@ -86,6 +86,22 @@ def scripted() -> Iterator[tuple[ScriptedUpstream, RunningServer]]:
         yield upstream, server
 
 
+def journaled(app: MeterApp) -> list[UsageRecord]:
+    """The records of a started app, taken as the journal takes them: before the response's last byte,
+    so a test that got its response finds the record here (the sinks run just after that byte)."""
+    emitted: list[UsageRecord] = []
+    pipeline = app.runtime.pipeline
+    assert pipeline is not None, "the app's lifespan has not started its pipeline"
+    submit = pipeline.submit
+
+    def tap(record: UsageRecord) -> None:
+        emitted.append(record)
+        submit(record)
+
+    pipeline.submit = tap  # type: ignore[method-assign]
+    return emitted
+
+
 @pytest.fixture
 def start_meter(tmp_path: Path) -> Iterator[Callable[..., MeterHandle]]:
     with ExitStack() as stack:
@@ -95,10 +111,8 @@ def start_meter(tmp_path: Path) -> Iterator[Callable[..., MeterHandle]]:
             environ = {"METER_DATABASE_URL": f"sqlite:///{db_path}", "METER_UPSTREAM_URL": upstream_url}
             settings = load_settings(environ, **overrides)
             app = create_app(settings, registry=CollectorRegistry())
-            emitted: list[UsageRecord] = []
-            app.runtime.extra_sinks.append(emitted.append)
             server = stack.enter_context(serve_in_thread(app, lifespan="on"))
-            return MeterHandle(server, app, db_path, emitted)
+            return MeterHandle(server, app, db_path, journaled(app))
 
         yield start
 
