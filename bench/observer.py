@@ -6,6 +6,8 @@ response, in microseconds, for the shapes the simulator (and Fireworks) send:
 * ``chat stream, aborted``: the same stream cut after its 10th chunk (usage is then estimated from the
   content relayed);
 * ``chat stream, 4 events a chunk``: the 20 events arriving 4 to a chunk (a slower reader);
+* ``chat stream, one read``: the 20 events in one chunk (a fast upstream under load: with the
+  simulator's default timing, most streams reach meter in one or two reads);
 * ``chat body``: a non-streamed chat completion (one JSON body, one chunk);
 * ``responses stream``: a Responses API stream, one named event a chunk (4 opening events, 12 deltas,
   4 closing events with ``response.completed``).
@@ -86,6 +88,11 @@ def chat_stream_batched() -> tuple[str, dict[str, str], list[bytes]]:
     return endpoint, headers, [b"".join(chunks[i : i + 4]) for i in range(0, len(chunks), 4)]
 
 
+def chat_stream_one_read() -> tuple[str, dict[str, str], list[bytes]]:
+    endpoint, headers, chunks = chat_stream()
+    return endpoint, headers, [b"".join(chunks)]
+
+
 def chat_json() -> tuple[str, dict[str, str], list[bytes]]:
     plan = _plan(Api.CHAT, 17)
     return "/v1/chat/completions", _headers(plan, stream=False), [chat_body(plan, IDENT, CREATED, None)]
@@ -120,6 +127,7 @@ def scenarios() -> dict[str, Callable[[], Observation]]:
         ("chat stream", chat_stream(), False),
         ("chat stream, aborted", aborted_chat_stream(), True),
         ("chat stream, 4 events a chunk", chat_stream_batched(), False),
+        ("chat stream, one read", chat_stream_one_read(), False),
         ("chat body", chat_json(), False),
         ("responses stream", responses_stream(), False),
     ]
