@@ -283,7 +283,7 @@ def analyse(results: dict[str, Any]) -> dict[str, Any]:
     results["comparison"] = [compare(direct, m) for m in meters]
     passthrough = next((t for t in targets if t["kind"] == "passthrough"), None)
     results["baseline"] = [versus_passthrough(passthrough, m) for m in meters] if passthrough else []
-    plain = [m for m in meters if not m.get("quota")]
+    plain = [m for m in meters if not m.get("quota") and not m.get("variant")]  # on meter's defaults
     results["servers"] = choose(plain, "server", "client")
     results["clients"] = choose(plain, "client", "server")
     results["quota"] = [

@@ -158,6 +158,9 @@ def render(results: dict[str, Any]) -> str:
         out.append(f"  pass-through: {meta['baseline']}; its cpu and MB are in the meter columns")
     if meta.get("meter_env"):
         out.append("  meter env:  " + " ".join(f"{k}={v}" for k, v in meta["meter_env"].items()))
+    if meta.get("variant"):
+        variant = " ".join(f"{k}={v}" for k, v in meta["variant"].items())
+        out.append(f"  variant:    a second meter, with {variant} (the target named after it)")
     if meta.get("quota_variant"):
         variant = " ".join(f"{k}={v}" for k, v in meta["quota_variant"].items())
         out.append(f"  variant:    a second meter with limits, with {variant} (the target named after it)")

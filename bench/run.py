@@ -96,6 +96,7 @@ class Options:
     quick: bool
     meter_env: dict[str, str] = field(default_factory=dict)
     quota_variant: dict[str, str] = field(default_factory=dict)  # a second quota target's own settings
+    variant: dict[str, str] = field(default_factory=dict)  # a second meter's own settings (no limits)
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -176,6 +177,15 @@ def parse_args(argv: list[str] | None) -> Options:
         "without it they run on meter's defaults",
     )
     parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="METER_NAME=VALUE",
+        help="also measure a second meter (the first --server and --client) that has these settings too "
+        "(repeatable; one more target), e.g. METER_WRITER_FLUSH_INTERVAL=0.25, to compare a setting "
+        "side by side in one run",
+    )
+    parser.add_argument(
         "--quota-variant",
         action="append",
         default=[],
@@ -231,6 +241,7 @@ def parse_args(argv: list[str] | None) -> Options:
 
     meter_env = settings(args.meter_env, "--meter-env")
     quota_variant = settings(args.quota_variant, "--quota-variant")
+    variant = settings(args.variant, "--variant")
     if quota_variant and args.quota is None:
         parser.error("--quota-variant needs --quota")
     return Options(
@@ -253,6 +264,7 @@ def parse_args(argv: list[str] | None) -> Options:
         quick=quick,
         meter_env=meter_env,
         quota_variant=quota_variant,
+        variant=variant,
     )
 
 
@@ -519,6 +531,19 @@ def main(argv: list[str] | None = None) -> int:
                     assert target.process is not None
                     processes.append(target.process)
                     targets.append(target)
+            if options.variant:
+                target = start_meter(
+                    workdir,
+                    pinning,
+                    sim_url,
+                    options.servers[0],
+                    options.clients[0],
+                    extra_env={**options.meter_env, **options.variant},
+                    variant=",".join(f"{k}={v}" for k, v in options.variant.items()),
+                )
+                assert target.process is not None
+                processes.append(target.process)
+                targets.append(target)
             quota_redis = options.quota_redis
             if quota_redis == "local":
                 redis, quota_redis = start_redis(workdir, pinning)
@@ -594,6 +619,7 @@ def main(argv: list[str] | None = None) -> int:
             "quota_redis": quota_desc,
             "meter_env": options.meter_env,
             "quota_variant": options.quota_variant,
+            "variant": options.variant,
             "open_generator": "Python aiohttp+uvloop generator (separate process)",
             "closed_generator": closed_generator,
             "versions": _versions(),
@@ -607,6 +633,7 @@ def main(argv: list[str] | None = None) -> int:
                 "server": t.server,
                 "client": t.client,
                 "quota": t.quota,
+                "variant": t.variant,
                 **t.results,
                 "requests_seen": t.sim_requests,
             }

@@ -35,6 +35,7 @@ class Target:
     results: dict[str, Any] = field(default_factory=dict)
     sim_requests: int = 0
     quota: bool = False  # limits on the bench key, counters in Redis (the admission benchmark)
+    variant: str = ""  # the settings of a --variant or --quota-variant meter, as text
 
 
 def _meter_env(client: str) -> dict[str, str]:
@@ -76,7 +77,7 @@ def start_meter(
 ) -> Target:
     """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`.
     ``extra_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them), and a
-    ``--quota-variant``'s, which ``variant`` (its settings as text) then names."""
+    ``--variant``'s or ``--quota-variant``'s, which ``variant`` (its settings as text) then names."""
     name = f"meter[{server},{client}]" + ("+quota" if redis_url else "") + (f"[{variant}]" if variant else "")
     port = procs.free_port()
     db_path = (
@@ -103,6 +104,7 @@ def start_meter(
     process = procs.start(name, argv, workdir, env=env, cpus=pinning.meter)
     target = Target(name, "meter", f"http://127.0.0.1:{port}", server, client, process, db_path)
     target.quota = redis_url is not None
+    target.variant = variant
     return target
 
 

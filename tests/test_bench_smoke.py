@@ -1,8 +1,8 @@
 """The benchmark runs end to end: ``python -m bench.run --quick --baseline --quota local`` (with one
-``--meter-env`` setting and one ``--quota-variant``) starts the simulator, the bare pass-through,
-meter, and two meters with quota limits (the second with the variant's setting) whose counters live
-in a Redis the bench starts itself; drives all five, and reports every section with numbers that make
-sense.
+``--meter-env`` setting, one ``--variant`` and one ``--quota-variant``) starts the simulator, the bare
+pass-through, meter, a second meter with the variant's setting, and two meters with quota limits (the
+second with the quota variant's setting) whose counters live in a Redis the bench starts itself;
+drives all six, and reports every section with numbers that make sense.
 
 Nothing here asserts a speed: timings on a shared two-core machine are for the report, not for a test.
 What is asserted is what a reader of the report relies on: each section is there, every request was
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 VARIANT = "meter[uvicorn,aiohttp]+quota[METER_QUOTA_SETTLE_LINGER=0]"
+PLAIN_VARIANT = "meter[uvicorn,aiohttp][METER_WRITER_FLUSH_INTERVAL=0.02]"
 
 
 @pytest.fixture(scope="module")
@@ -36,6 +37,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
             *(sys.executable, "-m", "bench.run", "--quick", "--baseline", "--quota", "local"),
             *("--meter-env", "METER_WRITER_BATCH_SIZE=50", "--json", str(out)),
             *("--quota-variant", "METER_QUOTA_SETTLE_LINGER=0"),
+            *("--variant", "METER_WRITER_FLUSH_INTERVAL=0.02"),
         ],
         cwd=REPO,
         capture_output=True,
@@ -56,6 +58,7 @@ def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None
     assert "PASS" in text or "MISS" in text
     assert "\n  meter env:  METER_WRITER_BATCH_SIZE=50\n" in text
     assert "\n  variant:    a second meter with limits, with METER_QUOTA_SETTLE_LINGER=0 " in text
+    assert "\n  variant:    a second meter, with METER_WRITER_FLUSH_INTERVAL=0.02 " in text
 
 
 def _ordered(summary: dict[str, Any]) -> None:
@@ -72,6 +75,7 @@ def test_every_target_was_measured_without_errors(quick_run: tuple[str, dict[str
         "meter[uvicorn,aiohttp]",
         "meter[uvicorn,aiohttp]+quota",
         VARIANT,
+        PLAIN_VARIANT,
     }
     for target in targets.values():
         for rate, step in target["latency"].items():
@@ -105,6 +109,9 @@ def test_meter_memory_and_records(quick_run: tuple[str, dict[str, Any]]) -> None
     assert {row["base"] for row in quota.values()} == {"meter[uvicorn,aiohttp]"}
     variant = next(t for t in results["targets"] if t["name"] == VARIANT)
     assert 0 < variant["records_written"] == variant["requests_seen"]
+    plain = next(t for t in results["targets"] if t["name"] == PLAIN_VARIANT)
+    assert 0 < plain["records_written"] == plain["requests_seen"]
+    assert results["meta"]["variant"] == {"METER_WRITER_FLUSH_INTERVAL": "0.02"}
 
 
 def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]]) -> None:
@@ -113,7 +120,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
     assert passthrough["requests_seen"] > 0
     assert 10 < passthrough["rss"]["serving_mb"] < 10_000
     assert passthrough["max_requests"]["cpu_pct"]["meter"] > 0
-    assert len(results["baseline"]) == 3  # meter, and the two meters with quotas
+    assert len(results["baseline"]) == 4  # meter, its variant, and the two meters with quotas
     for versus in results["baseline"]:
         assert versus["base"] == "pass-through"
         assert versus["throughput_ratio"]["requests"] > 0
@@ -123,7 +130,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
 
 def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
     _, results = quick_run
-    assert len(results["comparison"]) == 3  # meter and the two meters with limits, against direct
+    assert len(results["comparison"]) == 4  # meter, its variant and the two with limits, against direct
     for comparison in results["comparison"]:
         assert comparison["throughput_ratio"]["requests"] > 0
         assert comparison["throughput_ratio"]["streams"] > 0
@@ -147,6 +154,16 @@ def test_meter_env_takes_only_meter_settings(item: str, capsys: pytest.CaptureFi
     assert parse_args(["--meter-env", "METER_WRITER_BATCH_SIZE=200"]).meter_env == {
         "METER_WRITER_BATCH_SIZE": "200"
     }
+
+
+def test_a_variant_takes_meter_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from bench.run import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--variant", "FLUSH=0.25"])
+    assert "--variant takes METER_NAME=VALUE" in capsys.readouterr().err
+    options = parse_args(["--variant", "METER_WRITER_FLUSH_INTERVAL=0.25"])
+    assert options.variant == {"METER_WRITER_FLUSH_INTERVAL": "0.25"} and options.quota_variant == {}
 
 
 def test_a_quota_variant_needs_quota_and_takes_meter_settings(capsys: pytest.CaptureFixture[str]) -> None:
