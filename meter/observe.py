@@ -42,7 +42,8 @@ the long way (tests/test_observe_fastpath.py compares both on the recorded fixtu
 splits). Learning costs one extra parse; a stream learns at most three times. A read holding several
 events while a template may still be learnt (a fast upstream's whole stream often arrives in one or
 two reads under load) is taken one event at a time until one teaches a template, so the template
-takes the rest of that read too (``python -m bench.observer``, "one read": 85 → 55 µs a stream).
+takes the rest of that read too (``python -m bench.observer``, "one read": 85 → 55 µs a stream); at
+most eight events a read, and no more once a content event showed that no template takes the stream.
 """
 
 from __future__ import annotations
@@ -66,6 +67,8 @@ __all__ = ["Observation", "ResponseObserver"]
 
 _INFLATE_STEP = 1 << 20  # inflate at most this much per call, so a small "zip bomb" chunk cannot balloon
 _TEMPLATE_TRIES = 3  # templates learnt per stream at most (a stream whose chunks all differ stops trying)
+_APART_EVENTS = 8  # events of one read taken one at a time before the rest goes at once (a Responses
+# stream opens with four events that carry no text; see _take_events_apart)
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,6 +155,7 @@ class ResponseObserver:
     """Accumulates one response; see the module docstring for the rules."""
 
     __slots__ = (
+        "_apart",
         "_at_boundary",
         "_body",
         "_body_len",
@@ -210,6 +214,7 @@ class ResponseObserver:
         self._at_boundary = False  # the decoder is at an event boundary (SSEDecoder.at_boundary)
         self._done = False  # the stream's "data: [DONE]" event was seen
         self._template_tries = _TEMPLATE_TRIES if self._FAST else 0
+        self._apart = True  # reads of several events may be taken apart (see _take_events_apart)
         if self._streamed:
             self._decoder = SSEDecoder()
         try:
@@ -266,7 +271,7 @@ class ResponseObserver:
                         if n and self._first_content_at is None:
                             self._first_content_at = now
                         return
-            if self._template_tries:
+            if self._apart and self._template_tries:
                 cut = data.find(b"\n\n") + 2  # a blank line: an event ends there
                 if 2 <= cut < len(data):
                     self._take_events_apart(data, now, cut)
@@ -299,21 +304,26 @@ class ResponseObserver:
 
     def _take_events_apart(self, data: bytes, now: float | None, cut: int) -> None:
         """A read of several events while a template may still be learnt (a fast upstream's whole
-        stream can come in one or two reads): its events are taken one at a time until one teaches a
-        new template, and the rest of the read then goes back to ``_take``, where that template takes
-        the events like it. ``cut``: where the first event ends."""
+        stream can come in one or two reads): its first events are taken one at a time until one
+        teaches a new template, and the rest of the read then goes back to ``_take`` at once, where
+        that template takes the events like it. After ``_APART_EVENTS`` events that taught nothing,
+        or a content event no template can take (several choices, tool calls: ``_learn``), the
+        stream's reads go whole from then on, the general path taking such a read at a lower cost.
+        ``cut``: where the first event ends."""
         template = self._template
         start = 0
-        while True:
+        for _ in range(_APART_EVENTS):
             self._take(data[start:cut], now)
             start = cut
             if self._decoder is None:  # stopped (body_too_large)
                 return
-            if self._template is not template or not self._template_tries:
+            if self._template is not template or not self._template_tries or not self._apart:
                 break
             cut = data.find(b"\n\n", start) + 2
             if cut < 2 or cut >= len(data):
-                break
+                break  # one event left
+        else:
+            self._apart = False
         self._take(data[start:], now)
 
     def _templated(self, data: bytes, template: _Template) -> tuple[int, int]:
@@ -341,6 +351,7 @@ class ResponseObserver:
             return
         learnt = delta_template(data, obj) if responses else chunk_template(data, obj)
         if learnt is None:
+            self._apart = False  # content no template takes (several choices, tool calls): see _take
             return
         self._template_tries -= 1
         suffix = b'"' + learnt.tail

@@ -353,6 +353,28 @@ def test_other_endpoint_that_turns_out_to_be_a_responses_stream() -> None:
     assert_same("/v2/something", chunks, SSE)
 
 
+def test_a_read_of_events_no_template_takes_goes_whole_after_its_first_content() -> None:
+    """A stream of two choices (no template takes its chunks) arriving in one read: its events are
+    taken apart only until the first content event has shown that, then the rest of the read goes to
+    the SSE decoder at once, and so does every later read; what is observed is unchanged."""
+    two_choices = b'{"index":1,"delta":{"content":"z"},"finish_reason":null},{"index":0,"delta":{"content":'
+    chunks = [content(b'"t%d"' % i).replace(b'{"index":0,"delta":{"content":', two_choices) for i in range(9)]
+    reads = [ROLE + b"".join(chunks[:5]), b"".join(chunks[5:]) + FINISH + b"data: [DONE]\n\n"]
+    fed: list[bytes] = []
+
+    class Recording(SSEDecoder):
+        def feed(self, data: bytes) -> list[SSEEvent]:
+            fed.append(data)
+            return super().feed(data)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("meter.observe.SSEDecoder", Recording)
+        assert_same(CHAT, reads, SSE)
+        fed.clear()
+        run(CHAT, reads, SSE)
+    assert fed == [ROLE, chunks[0], b"".join(chunks[1:5]), reads[1]]
+
+
 # -- templates ---------------------------------------------------------------------------------------
 
 
