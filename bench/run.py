@@ -526,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
             for server in options.servers:
                 for client in options.clients:
                     target = start_meter(
-                        workdir, pinning, sim_url, server, client, extra_env=options.meter_env
+                        workdir, pinning, sim_url, server, client, meter_env=options.meter_env
                     )
                     assert target.process is not None
                     processes.append(target.process)
@@ -538,8 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                     sim_url,
                     options.servers[0],
                     options.clients[0],
-                    extra_env={**options.meter_env, **options.variant},
-                    variant=",".join(f"{k}={v}" for k, v in options.variant.items()),
+                    meter_env=options.meter_env,
+                    variant=options.variant,
                 )
                 assert target.process is not None
                 processes.append(target.process)
@@ -555,7 +555,9 @@ def main(argv: list[str] | None = None) -> int:
                 quota_desc = f"{quota_redis} (the machine's Redis, not pinned: its CPU shows as 'other')"
             if quota_redis is not None:
                 server, client = options.servers[0], options.clients[0]
-                variants = [{}] + ([options.quota_variant] if options.quota_variant else [])
+                variants: list[dict[str, str]] = [{}] + (
+                    [options.quota_variant] if options.quota_variant else []
+                )
                 for variant in variants:
                     target = start_meter(
                         workdir,
@@ -564,8 +566,8 @@ def main(argv: list[str] | None = None) -> int:
                         server,
                         client,
                         redis_url=quota_redis,
-                        extra_env={**options.meter_env, **variant},
-                        variant=",".join(f"{k}={v}" for k, v in variant.items()),
+                        meter_env=options.meter_env,
+                        variant=variant,
                     )
                     assert target.process is not None
                     processes.append(target.process)

@@ -72,16 +72,17 @@ def start_meter(
     client: str,
     *,
     redis_url: str | None = None,
-    extra_env: dict[str, str] | None = None,
-    variant: str = "",
+    meter_env: dict[str, str] | None = None,
+    variant: dict[str, str] | None = None,
 ) -> Target:
     """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`.
-    ``extra_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them), and a
-    ``--variant``'s or ``--quota-variant``'s, which ``variant`` (its settings as text) then names."""
-    name = f"meter[{server},{client}]" + ("+quota" if redis_url else "") + (f"[{variant}]" if variant else "")
+    ``meter_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them);
+    ``variant``: a ``--variant``'s or ``--quota-variant``'s settings, on top, which name the target."""
+    label = ",".join(f"{k}={v}" for k, v in (variant or {}).items())
+    name = f"meter[{server},{client}]" + ("+quota" if redis_url else "") + (f"[{label}]" if label else "")
     port = procs.free_port()
     db_path = (
-        workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}{'-variant' if variant else ''}.db"
+        workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}{'-variant' if label else ''}.db"
     )
     argv = _meter_command(
         "serve",
@@ -96,7 +97,7 @@ def start_meter(
         "--log-level",
         "warning",
     )
-    env = {**_meter_env(client), **(extra_env or {})}
+    env = {**_meter_env(client), **(meter_env or {}), **(variant or {})}
     if redis_url is not None:
         env["METER_REDIS_URL"] = redis_url
         env["METER_QUOTA_PREFIX"] = f"meter-bench:{os.getpid()}:{port}:"
@@ -104,7 +105,7 @@ def start_meter(
     process = procs.start(name, argv, workdir, env=env, cpus=pinning.meter)
     target = Target(name, "meter", f"http://127.0.0.1:{port}", server, client, process, db_path)
     target.quota = redis_url is not None
-    target.variant = variant
+    target.variant = label
     return target
 
 
