@@ -93,8 +93,16 @@ TEMPLATE_TOKENS_PER_MESSAGE = 8
 _OUTPUT_CAPS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 
 
-def _non_negative_int(value: object) -> int | None:
-    return value if type(value) is int and value >= 0 else None
+def _count(value: object) -> int | None:
+    """A token cap or choice count as a lenient upstream reads it (pydantic's lax mode, say): an
+    integer, a float with no fraction, or a string of digits. None for anything else, or negative."""
+    if type(value) is int:
+        return value if value >= 0 else None
+    if type(value) is float and value.is_integer() and value >= 0:
+        return int(value)
+    if type(value) is str and 0 < len(value) <= 20 and value.strip().isdigit():
+        return int(value)
+    return None
 
 
 def estimate(
@@ -104,11 +112,17 @@ def estimate(
     ``TEMPLATE_TOKENS_PER_MESSAGE`` per chat message) plus the output cap
     (``max_completion_tokens``, ``max_tokens`` or ``max_output_tokens``; ``default_max_tokens`` when
     absent) times ``n``, all priced at the full input and output price. Embeddings reserve no output.
-    A body that is not JSON reserves nothing (it still counts as a request). Unpriced models reserve
-    $0 (their tokens still count against token budgets and ``tpm``)."""
+    An empty body reserves nothing (it still counts as a request); a body meter cannot read (a file
+    upload, a compressed or malformed body) reserves ``default_max_tokens`` of output, at least one,
+    so no layout passes a token limit unreserved. Unpriced models reserve $0 (their tokens still
+    count against token budgets and ``tpm``)."""
     body = info.json
     if body is None:
-        return Estimate(0, 0, Decimal(0), info.model)
+        if not info.unreadable_bytes:
+            return Estimate(0, 0, Decimal(0), info.model)
+        completion = max(default_max_tokens, 1)
+        cost = cost_usd(price, 0, completion) if price is not None else Decimal(0)
+        return Estimate(0, completion, cost, info.model)
     prompt = info.prompt_tokens_estimate or 0
     messages = body.get("messages")
     if type(messages) is list:  # the chat template wraps every message in tokens of its own
@@ -117,10 +131,10 @@ def estimate(
         completion = 0
     else:
         cap = next(
-            (v for v in (_non_negative_int(body.get(name)) for name in _OUTPUT_CAPS) if v is not None),
+            (v for v in (_count(body.get(name)) for name in _OUTPUT_CAPS) if v is not None),
             default_max_tokens,
         )
-        n = _non_negative_int(body.get("n"))
+        n = _count(body.get("n"))
         completion = cap * (n if n is not None and n > 1 else 1)
     cost = cost_usd(price, prompt, completion) if price is not None else Decimal(0)
     return Estimate(prompt, completion, cost, info.model)
