@@ -43,7 +43,7 @@ class GenAIMetrics:
         meter_provider: MeterProvider,
         *,
         upstream_url: str,
-        model_label: Callable[[str | None], str] | None = None,
+        model_label: LabelBudget | None = None,
         team_label: Callable[[str | None], str] | None = None,
     ) -> None:
         meter = meter_provider.get_meter("meter", __version__)
@@ -80,17 +80,18 @@ class GenAIMetrics:
         if operation is None:
             return
         upstream = self._upstream
+        failure = error_type(record)
+        succeeded = failure is None  # a model name earns its own value only then (meter.metrics)
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": upstream.provider,
-            "gen_ai.request.model": self._model(record.requested_model),
+            "gen_ai.request.model": self._model(record.requested_model, admit=succeeded),
             "server.address": upstream.address,
             "server.port": upstream.port,
             "meter.team": self._team(record.team),
         }
         if record.response_model:
-            attributes["gen_ai.response.model"] = self._model(record.response_model)
-        failure = error_type(record)
+            attributes["gen_ai.response.model"] = self._model(record.response_model, admit=succeeded)
         if record.duration_ms is not None:
             timed = attributes if failure is None else {**attributes, "error.type": failure}
             self._duration.record(record.duration_ms / 1000.0, timed)

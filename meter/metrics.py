@@ -3,8 +3,11 @@
 Rule 1: cardinality is bounded by design. No label ever carries a key, a user or a request id.
         ``team`` is a known team (the ``teams`` preset), ``unassigned`` for a record without a team, and
         ``other`` past ``max_teams``; ``model`` is a configured model (the ``models`` preset) or one of
-        the first ``max_models`` distinct names seen, ``other`` beyond (counted in
-        ``meter_label_overflow_total{label="model"}``); ``endpoint`` is a known OpenAI path or ``other``;
+        the first ``max_models`` distinct names of requests that succeeded, ``other`` beyond (counted
+        in ``meter_label_overflow_total{label="model"}``): a name earns its label only from an upstream
+        answer that succeeded, so junk names clients send cannot use up the labels of real models
+        (and every name is already cut to ``meter.bounds.MODEL`` characters); ``endpoint`` is a known
+        OpenAI path or ``other``;
         ``error_type`` is an HTTP status code or one of a few fixed words (:func:`error_type`).
 Rule 2: metrics take a ``registry=``; tests build a fresh one.
 Rule 3: a counter whose label values are known in advance (usage source, observe-error kind, telemetry
@@ -67,7 +70,14 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.01, 0
 TPOT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15, 0.25, 0.5, 1.0)
 
 # Status codes of meter's own errors (meter.errors), named for the error_type label.
-_PROXY_ERROR_TYPES = {413: "request_too_large", 502: "upstream_failed", 504: "upstream_timeout"}
+_PROXY_ERROR_TYPES = {
+    400: "invalid_request",
+    408: "request_timeout",
+    413: "request_too_large",
+    500: "internal_error",
+    502: "upstream_failed",
+    504: "upstream_timeout",
+}
 _NO_COST_FIELD = object()
 
 
@@ -75,7 +85,9 @@ def error_type(record: UsageRecord) -> str | None:
     """The record's error in a bounded vocabulary, shared by metrics and spans (OpenTelemetry's
     ``error.type``): None when the request succeeded; ``aborted`` (the client left); the upstream's
     status code (``"429"``, ``"503"``); ``stream_error`` (an error event inside a 2xx stream); or
-    meter's own: ``request_too_large``, ``upstream_failed``, ``upstream_timeout``, ``proxy_error``,
+    meter's own: ``invalid_request`` (a target, credential or header meter refuses),
+    ``request_timeout``, ``request_too_large``, ``internal_error``, ``upstream_failed``,
+    ``upstream_timeout``, ``proxy_error``,
     ``quota_rejected`` (429 from a limit), ``quota_unavailable`` (503: the quota store is down)."""
     outcome = record.outcome
     if outcome is Outcome.OK:
@@ -91,19 +103,20 @@ def error_type(record: UsageRecord) -> str | None:
 
 class LabelBudget:
     """Maps arbitrary values onto at most ``cap`` distinct label values (plus the ``preset`` ones) and
-    ``other``. The first ``cap`` values seen keep their name for the life of the process."""
+    ``other``. The first ``cap`` values admitted keep their name for the life of the process; a value
+    looked up with ``admit=False`` gets its name only if it was admitted before."""
 
     def __init__(self, cap: int, preset: Iterable[str] = ()) -> None:
         self._cap = cap
         self._preset = frozenset(preset)
         self._seen: set[str] = set()
 
-    def __call__(self, value: str | None) -> str:
+    def __call__(self, value: str | None, *, admit: bool = True) -> str:
         if not value:
             return OTHER
         if value in self._seen or value in self._preset:
             return value
-        if len(self._seen) < self._cap:
+        if admit and len(self._seen) < self._cap:
             self._seen.add(value)
             return value
         return OTHER
@@ -278,12 +291,12 @@ class ProxyMetrics:
     def observe(self, record: UsageRecord) -> None:
         team = self.team_label(record.team)
         raw_model = record.requested_model or record.response_model
-        model = self.model_label(raw_model)
-        if model == OTHER and raw_model and raw_model != OTHER:
+        failure = error_type(record)
+        model = self.model_label(raw_model, admit=failure is None)
+        if model == OTHER and raw_model and raw_model != OTHER and failure is None:
             self._child(self.label_overflow, "model").inc()
         endpoint = self.endpoint_label(record.endpoint)
         self._child(self.requests, team, model, endpoint, str(record.status_code)).inc()
-        failure = error_type(record)
         if failure is not None:
             self._child(self.errors, team, model, failure).inc()
         self._child(self.usage_source, record.usage_source.value).inc()

@@ -105,18 +105,35 @@ def test_not_reported_tokens_are_not_counted_as_zero_and_non_streams_have_no_ttf
         (Outcome.PROXY_ERROR, 502, "upstream_failed"),
         (Outcome.PROXY_ERROR, 504, "upstream_timeout"),
         (Outcome.PROXY_ERROR, 413, "request_too_large"),
-        (Outcome.PROXY_ERROR, 500, "proxy_error"),
+        (Outcome.PROXY_ERROR, 400, "invalid_request"),
+        (Outcome.PROXY_ERROR, 408, "request_timeout"),
+        (Outcome.PROXY_ERROR, 500, "internal_error"),
+        (Outcome.PROXY_ERROR, 599, "proxy_error"),
     ],
 )
 def test_error_type_vocabulary(outcome, status, expected):
     record = make_record(outcome=outcome, status_code=status, requested_model="m")
     assert error_type(record) == expected
     metrics, registry = _metrics()
+    metrics.observe(
+        make_record(outcome=Outcome.OK, status_code=200, requested_model="m")
+    )  # "m" earns its label
     metrics.observe(record)
     value = registry.get_sample_value(
         "meter_request_errors_total", {"team": "unassigned", "model": "m", "error_type": expected or ""}
     )
     assert value == (None if expected is None else 1)
+
+
+def test_a_model_name_earns_its_label_only_from_a_request_that_succeeded():
+    metrics, registry = _metrics()
+    metrics.observe(make_record(outcome=Outcome.UPSTREAM_ERROR, status_code=404, requested_model="junk"))
+    labels = {"team": "unassigned", "model": "other", "error_type": "404"}
+    assert registry.get_sample_value("meter_request_errors_total", labels) == 1
+    metrics.observe(make_record(outcome=Outcome.OK, status_code=200, requested_model="junk"))
+    metrics.observe(make_record(outcome=Outcome.UPSTREAM_ERROR, status_code=404, requested_model="junk"))
+    labels["model"] = "junk"
+    assert registry.get_sample_value("meter_request_errors_total", labels) == 1
 
 
 def test_known_label_values_exist_at_zero_before_any_traffic():
