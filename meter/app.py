@@ -256,6 +256,7 @@ def create_app(
         emit=runtime.journal,
         observe=runtime.observe,
         max_request_bytes=settings.max_request_bytes,
+        body_timeout=settings.client_body_timeout,
         on_observe_error=metrics.observe_error,
         tracer=tracer,
         tenancy=tenancy,

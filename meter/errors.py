@@ -4,6 +4,10 @@ Hierarchy::
 
     MeterError
     ├── RequestError              4xx: the client's request cannot be forwarded as sent
+    │   ├── InvalidTarget         400: not a path under the upstream's base (meter.target)
+    │   ├── InvalidCredentials    400: several credentials, or a virtual key outside Authorization
+    │   ├── InvalidHeader         400: a header value that is not UTF-8
+    │   ├── RequestTimeout        408: the client stopped sending its body
     │   └── RequestTooLarge       413
     ├── AuthenticationError       401 (virtual keys, admin API)
     ├── PermissionDenied          403
@@ -11,6 +15,8 @@ Hierarchy::
         ├── UpstreamUnreachable   502: connection refused / DNS / TLS / reset before a response
         ├── UpstreamProtocolError 502: the upstream answered something that is not HTTP
         └── UpstreamTimeout       504: connect or read timeout
+    InternalError                 500: a fault in meter itself (the forward path answers it, never a
+                                  plain-text 500)
 
 Error *responses* of the upstream are not exceptions: they pass through unchanged. Third-party
 exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward`.
@@ -38,6 +44,23 @@ class MeterError(Exception):
 class RequestError(MeterError):
     status_code = 400
     error_type = "invalid_request_error"
+
+
+class InvalidTarget(RequestError):
+    code = "invalid_request_target"
+
+
+class InvalidCredentials(RequestError):
+    code = "invalid_credentials"
+
+
+class InvalidHeader(RequestError):
+    code = "invalid_header"
+
+
+class RequestTimeout(RequestError):
+    status_code = 408
+    code = "request_timeout"
 
 
 class RequestTooLarge(RequestError):
@@ -74,6 +97,12 @@ class UpstreamProtocolError(UpstreamError):
 class UpstreamTimeout(UpstreamError):
     status_code = 504
     code = "upstream_timeout"
+
+
+class InternalError(MeterError):
+    status_code = 500
+    error_type = "api_error"
+    code = "internal_error"
 
 
 def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> bytes:

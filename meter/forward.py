@@ -189,7 +189,9 @@ class HttpxUpstream:
 
         assert self._client is not None, "HttpxUpstream.start() was not awaited"
         # httpx.Request directly, not client.build_request(): the client's default headers would be added.
-        request = httpx.Request(method, url, headers=headers, content=body)
+        # Bytes: httpx encodes text header values as ASCII and refuses the rest (meter.headers, Rule 4).
+        raw = [(name.encode(), value.encode()) for name, value in headers]
+        request = httpx.Request(method, url, headers=raw, content=body)
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:

@@ -5,6 +5,10 @@ Rule 2: hop-by-hop headers (the fixed list below plus every name the ``Connectio
         describe one connection and are dropped; each side's HTTP stack makes its own.
 Rule 3: ``Host`` is the upstream's (set by the client library from the upstream URL) and
         ``Content-Length`` is recomputed from the same body bytes, so it stays equal.
+Rule 4: header bytes outside ASCII pass unchanged in both directions. Request headers travel as text
+        to the upstream clients, decoded as UTF-8 (which they encode back to the same bytes); a value
+        that is not UTF-8 cannot, and is refused (400) whichever client is configured. Response
+        headers stay bytes end to end.
 
 Pure: bytes in, bytes out.
 """
@@ -12,6 +16,8 @@ Pure: bytes in, bytes out.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+
+from meter.errors import InvalidHeader
 
 HOP_BY_HOP = frozenset(
     {
@@ -38,13 +44,29 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 
 
 def upstream_request_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[str, str]]:
-    """ASGI request headers (lower-case bytes) → headers to send upstream."""
+    """ASGI request headers (lower-case bytes) → headers to send upstream (Rule 4: raises
+    :class:`~meter.errors.InvalidHeader` for a value that is not UTF-8)."""
     drop = (
         _REQUEST_DROP | _connection_tokens(headers)
         if any(n == b"connection" for n, _ in headers)
         else _REQUEST_DROP
     )
-    return [(name.decode("latin-1"), value.decode("latin-1")) for name, value in headers if name not in drop]
+    try:
+        return [(name.decode("latin-1"), value.decode()) for name, value in headers if name not in drop]
+    except UnicodeDecodeError:
+        bad = next(name for name, value in headers if not _is_utf8(value))
+        raise InvalidHeader(
+            f"header {bad[:64].decode('latin-1')!r} is not UTF-8 text; meter forwards header bytes "
+            "unchanged only when they are"
+        ) from None
+
+
+def _is_utf8(value: bytes) -> bool:
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def client_response_headers(headers: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -97,11 +119,24 @@ def split_response_headers(
     return by_name, out
 
 
-def swap_authorization(headers: list[tuple[str, str]], authorization: str) -> list[tuple[str, str]]:
-    """The one deliberate change to a request's headers for virtual keys: every ``Authorization``
-    header (the client's ``mk-`` key) becomes the upstream credential, in place, so the virtual key
-    never leaves meter and header order is kept."""
-    return [("authorization", authorization) if n.lower() == "authorization" else (n, v) for n, v in headers]
+_CREDENTIALS = frozenset({"authorization", "api-key", "x-api-key"})  # meter.identity.CREDENTIAL_HEADERS
+
+
+def swap_credential(headers: list[tuple[str, str]], authorization: str) -> list[tuple[str, str]]:
+    """The one deliberate change to a request's headers for virtual keys: the header that carried the
+    client's ``mk-`` key becomes ``Authorization`` with the upstream credential, in place, and any
+    other credential header (the same key again) is dropped, so the virtual key never leaves meter
+    and header order is kept."""
+    out: list[tuple[str, str]] = []
+    swapped = False
+    for name, value in headers:
+        if name.lower() in _CREDENTIALS:
+            if not swapped:
+                out.append(("authorization", authorization))
+                swapped = True
+            continue
+        out.append((name, value))
+    return out
 
 
 def replace_headers(

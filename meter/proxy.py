@@ -48,32 +48,41 @@ The raw ASGI handler bypasses litestar's routing on purpose: the forward path is
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import quote
 
-from meter.errors import MeterError, RequestTooLarge, UpstreamError
+from meter import bounds
+from meter.bounds import cut, cut_optional
+from meter.errors import InternalError, MeterError, RequestTimeout, RequestTooLarge, UpstreamError
 from meter.forward import Upstream, UpstreamResponse
 from meter.headers import (
     override_headers,
     replace_headers,
     split_response_headers,
-    swap_authorization,
+    swap_credential,
     upstream_request_headers,
 )
 from meter.hooks import QuotaHook, Scope, TenancyHook, TraceHook, settlement_usage
-from meter.identity import KeyFingerprinter, bearer_token
+from meter.identity import KeyFingerprinter, request_credential
 from meter.observe import Observation, ResponseObserver
 from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
 from meter.request_info import EMPTY, RequestInfo, inspect_request
+from meter.target import UpstreamBase
 from meter.tenancy.errors import KeyRefusal
+
+log = logging.getLogger("meter.proxy")
 
 Receive = Callable[[], Any]
 Send = Callable[[dict[str, Any]], Any]
 
 CLIENT_CLOSED_REQUEST = 499  # recorded status when the client left before the upstream answered
 WATCH_AFTER_S = 0.1  # Rule 4: when the disconnect watcher starts
+DEFAULT_BODY_TIMEOUT = 60.0  # seconds between two reads of a request body (nginx's client_body_timeout)
 
 
 class _Exchange:
@@ -152,6 +161,7 @@ class Proxy:
         fingerprinter: KeyFingerprinter,
         emit: Callable[[UsageRecord], None],
         max_request_bytes: int,
+        body_timeout: float = DEFAULT_BODY_TIMEOUT,
         observe: Callable[[UsageRecord], None] | None = None,
         on_observe_error: Callable[[str], None] | None = None,
         tracer: TraceHook | None = None,
@@ -163,7 +173,8 @@ class Proxy:
         self._tenancy = tenancy
         self._quota = quota
         self._upstream = upstream
-        self._base = upstream_url.rstrip("/")
+        self._target = UpstreamBase(upstream_url)
+        self._body_timeout = body_timeout
         self._fingerprinter = fingerprinter
         self._emit = emit
         self._observe = observe
@@ -176,6 +187,14 @@ class Proxy:
         x = _Exchange(scope, self._clock(), time.time_ns())
         try:
             await self._handle(scope, receive, send, x, x.t0, x.start_ns)
+        except Exception:
+            # A fault of meter's own (Rule 2 still holds): an OpenAI-shaped 500 if the response has
+            # not started; if it has, returning without its end makes the server cut the connection.
+            log.exception("forwarding %s %s failed", scope.get("method"), cut(str(scope.get("path")), 200))
+            x.error = InternalError("meter could not handle this request; its log has the details")
+            if x.t_client_headers is None:
+                with contextlib.suppress(Exception):
+                    await self._send_error(send, x.error, x)
         finally:
             self._finalize(x)
             self._start_settle(x)
@@ -188,7 +207,13 @@ class Proxy:
         if x.emitted:
             return
         x.emitted = True
-        record = x.record = self._record(x.scope, x, x.t0, datetime.fromtimestamp(x.start_ns / 1e9, UTC))
+        started_at = datetime.fromtimestamp(x.start_ns / 1e9, UTC)
+        try:
+            record = self._record(x.scope, x, x.t0, started_at)
+        except Exception:  # a fault in building it must not cost the record (Rule 2)
+            log.exception("building the usage record failed; a reduced one is kept")
+            record = _reduced_record(x, started_at)
+        x.record = record
         self._emit(record)
 
     def _observed(self, x: _Exchange) -> None:
@@ -237,6 +262,9 @@ class Proxy:
     ) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         try:
+            url = self._url(scope)
+            key = request_credential(headers, scope.get("query_string", b""))
+            upstream_headers = upstream_request_headers(headers)
             body = await self._read_body(headers, receive, x)
         except MeterError as exc:
             x.error = exc
@@ -248,25 +276,22 @@ class Proxy:
             return
         x.request_bytes = len(body)
         x.info = inspect_request(body)
-        authorization = next((v for n, v in headers if n == b"authorization"), None)
-        key = bearer_token(authorization.decode("latin-1")) if authorization else None
-        upstream_headers = upstream_request_headers(headers)
         if self._tenancy is None:
             if key is not None:
                 identity = self._fingerprinter.identify(key)
-                x.key_fingerprint, x.key_suffix = identity.fingerprint, identity.suffix
+                x.key_fingerprint, x.key_suffix = identity.fingerprint, identity.suffix or None
         else:
             try:
                 who = self._tenancy.resolve(key)
             except MeterError as exc:  # refused: 401 (unknown/revoked/expired), 500 or 503
                 if isinstance(exc, KeyRefusal):
-                    x.team, x.key_fingerprint, x.key_suffix = exc.team, exc.fingerprint, exc.suffix
+                    x.team, x.key_fingerprint, x.key_suffix = exc.team, exc.fingerprint, exc.suffix or None
                 x.error = exc
                 await self._send_error(send, exc, x)
                 return
-            x.team, x.key_fingerprint, x.key_suffix = who.team, who.fingerprint, who.suffix
+            x.team, x.key_fingerprint, x.key_suffix = who.team, who.fingerprint, who.suffix or None
             if who.upstream_authorization is not None:
-                upstream_headers = swap_authorization(upstream_headers, who.upstream_authorization)
+                upstream_headers = swap_credential(upstream_headers, who.upstream_authorization)
         if self._quota is not None:
             if self._settling_on:
                 previous = self._settling_on.get(_connection(scope))
@@ -296,7 +321,7 @@ class Proxy:
         response: UpstreamResponse | None = None
         try:
             x.t_forward = self._clock()
-            response = await self._upstream.send(scope["method"], self._url(scope), upstream_headers, body)
+            response = await self._upstream.send(scope["method"], url, upstream_headers, body)
             x.t_upstream_headers = self._clock()
             await self._relay(response, send, x)
         except UpstreamError as exc:
@@ -333,7 +358,8 @@ class Proxy:
 
         observer: ResponseObserver | None = None
         x.status = response.status
-        x.request_id = lowered.get("x-request-id")
+        request_id = lowered.get("x-request-id")
+        x.request_id = None if request_id is None else cut(request_id, bounds.REQUEST_ID)
         declared = lowered.get("content-length")
         expected = int(declared) if declared is not None and declared.isdigit() else None
         try:
@@ -405,26 +431,37 @@ class Proxy:
             )
         parts: list[bytes] = []
         size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise RequestTooLarge(f"request body exceeds meter's limit of {limit} bytes")
-                parts.append(chunk)
-            if not message.get("more_body", False):
-                break
+        timeout = self._body_timeout
+        loop = asyncio.get_running_loop()
+        try:
+            # One deadline, moved on at every read: a client that stops sending is answered 408.
+            async with asyncio.timeout(timeout) as deadline:
+                while True:
+                    message = await receive()
+                    if message["type"] == "http.disconnect":
+                        return None
+                    chunk = message.get("body", b"")
+                    if chunk:
+                        size += len(chunk)
+                        if size > limit:
+                            raise RequestTooLarge(f"request body exceeds meter's limit of {limit} bytes")
+                        parts.append(chunk)
+                    if not message.get("more_body", False):
+                        break
+                    deadline.reschedule(loop.time() + timeout)
+        except TimeoutError:
+            raise RequestTimeout(
+                f"the request body stopped arriving: nothing for {timeout:g} s (METER_CLIENT_BODY_TIMEOUT)"
+            ) from None
         x.request_bytes = size
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _url(self, scope: Scope) -> str:
+        """The upstream URL (meter.target); raises InvalidTarget (400)."""
         raw_path: bytes | None = scope.get("raw_path")
-        path = raw_path.decode("latin-1") if raw_path else scope["path"]
-        query: bytes = scope.get("query_string", b"")
-        return f"{self._base}{path}?{query.decode('latin-1')}" if query else f"{self._base}{path}"
+        if raw_path is None:  # a server that keeps only the decoded path
+            raw_path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~").encode("ascii")
+        return self._target.url(raw_path, scope.get("query_string", b""))
 
     async def _send_error(self, send: Send, exc: MeterError, x: _Exchange) -> None:
         body = exc.body()
@@ -507,8 +544,8 @@ class Proxy:
         return UsageRecord(
             event_id=new_event_id(),
             started_at=started_at,
-            method=scope["method"],
-            endpoint=scope["path"],
+            method=cut(scope["method"], bounds.METHOD),
+            endpoint=cut(scope["path"], bounds.ENDPOINT),
             status_code=x.status,
             outcome=outcome,
             usage_source=obs.usage_source if obs is not None else UsageSource.MISSING,
@@ -525,9 +562,31 @@ class Proxy:
             overhead_ms=None if overhead is None else overhead * 1000.0,
             request_bytes=x.request_bytes,
             response_bytes=x.response_bytes,
-            error=error,
+            error=cut_optional(error, bounds.ERROR),
             **usage_kwargs,
         )
+
+
+def _reduced_record(x: _Exchange, started_at: datetime) -> UsageRecord:
+    """The record of an exchange whose full record could not be built: who, what and how it ended."""
+    scope = x.scope
+    return UsageRecord(
+        event_id=new_event_id(),
+        started_at=started_at,
+        method=cut(str(scope.get("method", "")), bounds.METHOD),
+        endpoint=cut(str(scope.get("path", "")), bounds.ENDPOINT),
+        status_code=x.status,
+        outcome=Outcome.ABORTED if x.client_gone else Outcome.PROXY_ERROR,
+        usage_source=UsageSource.MISSING,
+        stream=x.info.stream,
+        key_fingerprint=x.key_fingerprint,
+        key_suffix=x.key_suffix,
+        team=x.team,
+        requested_model=x.info.model,
+        request_bytes=x.request_bytes,
+        response_bytes=x.response_bytes,
+        error="meter could not build this request's full record; its log has the details",
+    )
 
 
 async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], x: _Exchange) -> None:

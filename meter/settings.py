@@ -39,6 +39,7 @@ class Settings:
     upstream_read_timeout: float = 600.0  # between two chunks of the upstream's response
     upstream_max_connections: int = 1000
     max_request_bytes: int = 32 * 1024 * 1024
+    client_body_timeout: float = 60.0  # seconds between two reads of a request body (then 408)
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
     server: str = "uvicorn"  # "uvicorn" or "granian"
     log_level: str = "info"
@@ -122,8 +123,12 @@ def _positive_float(value: str) -> float:
 
 def _http_url(value: str) -> str:
     parts = urlsplit(value)
-    if parts.scheme not in {"http", "https"} or not parts.netloc:
+    if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        # every forwarded URL is this base + the client's path (meter.target); credentials belong in
+        # METER_UPSTREAM_API_KEY or the credentials file, never in a URL that may be printed
+        raise ValueError("must not carry credentials, a query or a fragment")
     return value.rstrip("/")
 
 
@@ -199,6 +204,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", _positive_float),
     "METER_UPSTREAM_MAX_CONNECTIONS": ("upstream_max_connections", _positive_int),
     "METER_MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
+    "METER_CLIENT_BODY_TIMEOUT": ("client_body_timeout", _positive_float),
     "METER_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),
     "METER_SERVER": ("server", _choice("uvicorn", "granian")),
     "METER_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),

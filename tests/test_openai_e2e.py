@@ -26,7 +26,7 @@ def strip(obj: Any) -> Any:
 
 
 def clients(base_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=base_url, api_key="fw-test-key-0001", max_retries=0)
+    return openai.OpenAI(base_url=base_url, api_key="fw-test-key-0123456789abcdef-0001", max_retries=0)
 
 
 def test_chat_non_streaming_equals_direct(meter, simulator):
@@ -52,7 +52,10 @@ def test_chat_non_streaming_equals_direct(meter, simulator):
     assert row["outcome"] == "ok" and row["status_code"] == 200 and row["stream"] == 0
     assert row["finish_reason"] == "length"
     assert row["key_suffix"] == "...0001"
-    assert len(row["key_fingerprint"]) == 64 and "fw-test-key-0001" not in row["key_fingerprint"]
+    assert (
+        len(row["key_fingerprint"]) == 64
+        and "fw-test-key-0123456789abcdef-0001" not in row["key_fingerprint"]
+    )
     assert row["server_ttft_ms"] is not None and row["server_processing_ms"] is not None
     assert row["duration_ms"] > 0 and row["overhead_ms"] >= 0
 

@@ -15,7 +15,10 @@ MESSAGES = [{"role": "user", "content": "one two three"}]
 
 
 def _traffic(base_url: str) -> None:
-    for key, model, n in (("fw-team-a-1111", "m-a", 2), ("fw-team-b-2222", "m-b", 3)):
+    for key, model, n in (
+        ("fw-team-a-0123456789abcdef-1111", "m-a", 2),
+        ("fw-team-b-0123456789abcdef-2222", "m-b", 3),
+    ):
         client = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0)
         for _ in range(n):
             client.chat.completions.create(model=model, messages=MESSAGES, max_tokens=4)
@@ -45,7 +48,7 @@ def test_metrics_text_and_openmetrics(meter):
         ("team", "unassigned"),
     )
     assert requests[key] == 3
-    assert "fw-team-a-1111" not in text.text
+    assert "fw-team-a-0123456789abcdef-1111" not in text.text
     om = httpx.get(f"{meter.url}/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
     assert om.headers["content-type"].startswith("application/openmetrics-text")
     assert om.text.rstrip().endswith("# EOF")

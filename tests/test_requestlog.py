@@ -36,7 +36,7 @@ from tests.conftest_db import make_record
 from tests.support.processes import meter_process
 from tests.support.serve import serve_in_thread
 
-KEY = "fw-log-SECRET-key-abcd"
+KEY = "fw-log-SECRET-key-0123456789-abcd"
 PROMPT = "wombat pangolin axolotl"
 
 

@@ -166,7 +166,7 @@ def test_client_disconnect_closes_upstream_connection_and_records_abort(scripted
             "POST",
             f"{meter.url}/v1/chat/completions",
             json={"model": "m", "stream": True},
-            headers={"Authorization": "Bearer fw-abcdefgh"},
+            headers={"Authorization": "Bearer fw-0123456789abcdefghijklmn-abcdefgh"},
         ) as response,
     ):
         got = b""
