@@ -1,5 +1,5 @@
-"""Passwords and tokens in the URLs meter is given never show in what it prints: errors and CLI
-output."""
+"""Passwords and tokens in the URLs meter is given never show in what it prints: log lines (meter's
+and its libraries'), errors, ``/readyz`` and CLI output."""
 
 from __future__ import annotations
 
@@ -7,11 +7,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
+import httpx
 import pytest
 
 from meter.redact import mask_url, mask_urls_in
-from tests.support.processes import free_port
+from tests.conftest import SimHandle, wait_for
+from tests.support.processes import free_port, meter_process
 
 DB_PASSWORD = "Db-Pa55word-7f3e"
 REDIS_PASSWORD = "Redis-Pa55word-91c2"
@@ -67,6 +70,60 @@ def test_urls_in_text_are_masked_and_json_stays_json() -> None:
         "next": "a@b",
     }
     assert mask_urls_in("nothing to see") == "nothing to see"
+
+
+# -- a real `meter serve` -------------------------------------------------------------------------
+
+
+def test_serve_prints_no_password_and_readyz_names_none(tmp_path: Path) -> None:
+    """PostgreSQL unreachable, Redis refusing the password, upstream down: the start-up line, the
+    warnings, ``/readyz`` and the request log show every URL masked."""
+    database = f"postgresql://meter:{DB_PASSWORD}@127.0.0.1:{free_port()}/meter"
+    upstream = f"http://meter:{UPSTREAM_PASSWORD}@127.0.0.1:{free_port()}/v1?key={QUERY_TOKEN}"
+    env = {
+        "METER_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0",
+        "METER_JOURNAL_DIR": str(tmp_path / "journal"),
+        "METER_LOG_LEVEL": "info",
+    }
+    with meter_process(tmp_path, upstream, database, "--log-format", "text", env=env) as meter:
+        ready = wait_for(
+            lambda: (r := httpx.get(f"{meter.url}/readyz", timeout=5)).json().get("database") and r,
+            message="a readiness answer naming the database",
+        )
+        assert ready.status_code == 503 and ready.json()["database"] != "ok"
+        assert_no_secret(ready.text)
+        answer = httpx.post(f"{meter.url}/v1/chat/completions", json={"model": "m"}, timeout=10)
+        assert answer.status_code >= 500
+        assert_no_secret(answer.text)
+        wait_for(lambda: "meter.requests" in meter.log.read_text(), message="the request line")
+    log = meter.log.read_text()
+    assert "recording to postgresql://meter:***@127.0.0.1:" in log  # the start-up line
+    assert "forwarding to http://meter:***@127.0.0.1:" in log and "/v1?key=***" in log
+    assert_no_secret(log)
+
+
+@pytest.mark.parametrize("level", ["info", "debug"])
+def test_httpx_upstream_logs_no_query_token(tmp_path: Path, simulator: SimHandle, level: str) -> None:
+    """httpx logs every request's full URL at info; meter quiets it below debug, and at debug the
+    URL's query values are masked."""
+    env = {"METER_UPSTREAM_CLIENT": "httpx", "METER_LOG_LEVEL": level}
+    database = f"sqlite:///{tmp_path / 'meter.db'}"
+    with meter_process(tmp_path, simulator.url, database, "--log-format", "text", env=env) as meter:
+        response = httpx.post(
+            f"{meter.url}/v1/chat/completions",
+            params={"key": QUERY_TOKEN},
+            json={"model": "m-query", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+            headers={"Authorization": "Bearer fw-client-key-1234"},
+            timeout=10,
+        )
+        assert response.status_code == 200
+        wait_for(lambda: "model=m-query" in meter.log.read_text(), message="the request line")
+    log = meter.log.read_text()
+    assert_no_secret(log)
+    if level == "info":
+        assert "HTTP Request:" not in log
+    else:
+        assert f"HTTP Request: POST {simulator.url}/v1/chat/completions?key=***" in log
 
 
 # -- the CLI --------------------------------------------------------------------------------------
