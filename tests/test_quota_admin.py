@@ -266,7 +266,7 @@ async def test_status_is_503_without_quotas_or_their_store(
 
 
 async def test_schema_and_token_guard(client: httpx.AsyncClient) -> None:
-    schema = (await client.get("/admin/schema/openapi.json")).json()
+    schema = (await client.get("/admin/schema/openapi.json", headers=AUTH)).json()
     assert set(schema["paths"]["/admin/v1/teams/{name}/limits"]) == {"get", "put", "delete"}
     assert set(schema["paths"]["/admin/v1/keys/{key_id}/limits"]) == {"get", "put", "delete"}
     assert "get" in schema["paths"]["/admin/v1/quota/status"]
