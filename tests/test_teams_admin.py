@@ -4,7 +4,6 @@ display, audit, OpenAPI schema, and the token guard (401s, constant-time compari
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -23,6 +22,7 @@ from meter.db.tenancy_models import api_keys, audit_log
 from meter.errors import AuthenticationError, MeterError
 from meter.identity import KeyFingerprinter
 from meter.tenancy import Tenancy, TenancyConfig
+from meter.tenancy.audit import admin_actor
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -135,7 +135,7 @@ async def test_team_and_key_lifecycle_through_the_api(
     assert deleted.status_code == 200 and deleted.json()["keys_removed"] == 1
 
     audit = (await client.get("/admin/v1/audit", headers=AUTH)).json()["data"]
-    actor = "admin:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+    actor = admin_actor(TOKEN, FP)
     assert {e["actor"] for e in audit} == {actor}
     assert [e["action"] for e in reversed(audit)] == [
         "team.create",

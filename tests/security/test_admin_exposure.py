@@ -1,14 +1,17 @@
-"""What the admin API gives away: its schema only to holders of the admin token, and no page that
-loads scripts from third-party hosts."""
+"""What the admin API gives away: its schema only to holders of the admin token, no third-party
+scripts, and an audit actor nobody without meter's key secret can compute from a guessed token."""
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 
 import httpx
 import pytest
 
+from meter.identity import KeyFingerprinter
+from meter.tenancy.audit import admin_actor
 from tests.conftest import MeterHandle, SimHandle
 
 TOKEN = "admin-token-for-exposure-tests-0123"
@@ -66,3 +69,22 @@ def test_schema_is_served_to_the_token_without_third_party_assets(admin_meter: M
     for path in SCHEMA_PATHS + PAGE_PATHS:
         body = httpx.get(admin_meter.url + path, headers=AUTH).text
         assert not re.search(r"<script|<link|https?://", body, re.IGNORECASE), path
+
+
+def test_the_audit_actor_is_keyed(start_meter: Callable[..., MeterHandle], simulator: SimHandle) -> None:
+    actors = []
+    for secret in ("first-key-secret-0123456789", "second-key-secret-0123456789"):
+        meter = start_meter(simulator.url, admin_token=TOKEN, key_secret=secret)
+        created = httpx.post(f"{meter.url}/admin/v1/teams", json={"name": "search"}, headers=AUTH)
+        assert created.status_code == 201, created.text
+        (entry,) = httpx.get(f"{meter.url}/admin/v1/audit", headers=AUTH).json()["data"]
+        actors.append(entry["actor"])
+        assert entry["actor"] == admin_actor(TOKEN, KeyFingerprinter(secret.encode()))
+    assert all(re.fullmatch(r"admin:[0-9a-f]{16}", actor) for actor in actors)
+    # Not the unkeyed digest anyone could compute from a guess, and not the same under another secret.
+    assert not any(hashlib.sha256(TOKEN.encode()).hexdigest()[:12] in actor for actor in actors)
+    assert actors[0] != actors[1]
+    fingerprinter = KeyFingerprinter(b"first-key-secret-0123456789")
+    assert admin_actor("another-token", fingerprinter) != admin_actor(TOKEN, fingerprinter)
+    # Not the fingerprint the proxy records for a client sending the token as its API key.
+    assert fingerprinter.identify(TOKEN).fingerprint[:16] not in actors[0]
