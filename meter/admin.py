@@ -3,6 +3,11 @@
 Access: ``Authorization: Bearer $METER_ADMIN_TOKEN``, compared in constant time. With no admin token
 configured every admin endpoint answers 403 and says how to enable it; a missing or wrong token gets
 401. Errors use the OpenAI error shape like everything else meter answers.
+
+The API's OpenAPI schema (``/admin/schema``, ``/admin/schema/openapi.json``, ``.yaml``) is behind the
+same guard (:func:`openapi_config`): it maps the whole admin surface. meter serves no documentation
+page: such pages load their scripts from third-party hosts; load the schema into your own Swagger UI
+or Redoc instead.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from litestar import Request, Response, get
 from litestar.connection import ASGIConnection
 from litestar.exceptions import HTTPException
 from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin, YamlRenderPlugin
 from litestar.router import Router
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -135,3 +142,16 @@ async def requests_(
 
 def admin_router() -> Router:
     return Router(path="/admin/v1", route_handlers=[usage, requests_], guards=[require_admin], tags=["admin"])
+
+
+def openapi_config(version: str) -> OpenAPIConfig:
+    """The admin API's OpenAPI schema: JSON at ``/admin/schema`` and ``/admin/schema/openapi.json``,
+    YAML at ``/admin/schema/openapi.yaml``, behind :func:`require_admin`; no HTML page (module doc)."""
+    return OpenAPIConfig(
+        title="meter admin API",
+        version=version,
+        render_plugins=[JsonRenderPlugin(), YamlRenderPlugin()],
+        openapi_router=Router(
+            path="/admin/schema", route_handlers=[], guards=[require_admin], include_in_schema=False
+        ),
+    )

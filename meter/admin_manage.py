@@ -2,7 +2,8 @@
 
 Same access rule and error shape as :mod:`meter.admin` (its ``require_admin`` guard and exception
 handlers): ``Authorization: Bearer $METER_ADMIN_TOKEN``, compared in constant time. Every write is
-audited with the actor ``admin:<first 12 hex digits of sha256(token)>``.
+audited with the actor ``admin:<16 hex digits of HMAC-SHA256(token) under the key secret>``
+(:func:`meter.tenancy.audit.admin_actor`).
 
 Endpoints (``{team}`` is a team name, ``{key_id}`` a key id):
 
@@ -90,7 +91,8 @@ def _tenancy(request: Request[Any, Any, Any]) -> Tenancy:
 
 
 def _actor(request: Request[Any, Any, Any]) -> str:
-    return admin_actor(bearer_token(request.headers.get("authorization")) or "")
+    token = bearer_token(request.headers.get("authorization")) or ""
+    return admin_actor(token, _tenancy(request).fingerprinter)
 
 
 def _aware(moment: datetime | None, name: str) -> datetime | None:

@@ -59,7 +59,8 @@ def _tenancy(request: Request[Any, Any, Any]) -> Tenancy:
 
 
 def _actor(request: Request[Any, Any, Any]) -> str:
-    return admin_actor(bearer_token(request.headers.get("authorization")) or "")
+    token = bearer_token(request.headers.get("authorization")) or ""
+    return admin_actor(token, _tenancy(request).fingerprinter)
 
 
 def _team_limits(team: Team) -> dict[str, Any]:

@@ -23,13 +23,11 @@ from typing import TYPE_CHECKING, Any
 
 from litestar import Litestar
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
-from litestar.openapi.plugins import SwaggerRenderPlugin
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import __version__
-from meter.admin import admin_router, http_error_handler, meter_error_handler
+from meter.admin import admin_router, http_error_handler, meter_error_handler, openapi_config
 from meter.admin_manage import manage_router
 from meter.db.engine import create_engine, ping
 from meter.db.migrate import upgrade
@@ -238,12 +236,7 @@ def create_app(
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
-        openapi_config=OpenAPIConfig(
-            title="meter admin API",
-            version=__version__,
-            path="/admin/schema",
-            render_plugins=[SwaggerRenderPlugin()],
-        ),
+        openapi_config=openapi_config(__version__),  # admin token required; JSON/YAML, no HTML page
         logging_config=None,
     )
     litestar.state.registry = exposition_registry(registry, settings.metrics_multiprocess_dir)

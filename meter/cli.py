@@ -3,21 +3,26 @@
 This is the configuration edge: it reads the environment once (via :func:`meter.settings.load_settings`)
 and passes typed values inward. Worker processes of ``serve --workers N`` receive the parsed settings
 through one private variable, so every worker runs with exactly what the parent validated.
+
+Nothing the CLI prints shows a URL's password or query values: commands print the URLs they hold
+through :func:`meter.redact.mask_url`, and :class:`MeterGroup` passes every error message, and the
+traceback of an unexpected failure, through :func:`meter.redact.mask_urls_in`.
 """
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import json
 import logging
 import os
 import sys
+import traceback
 from datetime import datetime
 from typing import Any
 
 import click
 
+from meter.redact import mask_url, mask_urls_in
 from meter.settings import Settings, SettingsError, load_settings
 
 _WORKER_SETTINGS = "_METER_WORKER_SETTINGS"
@@ -51,7 +56,27 @@ def _configure_logging(settings: Settings) -> None:
     configure_logging(settings.log_level, resolve_format(settings.log_format), sys.stderr)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class MeterGroup(click.Group):
+    """The ``meter`` group: its commands' errors are printed with URLs masked (module docstring)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as exc:
+            # Masked in place, so a UsageError keeps its usage hint (click types message as Final).
+            exc.message = mask_urls_in(exc.message)  # type: ignore[misc]
+            raise
+        except (click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as exc:
+            # A bug, not a user error: the traceback is wanted, its exception texts masked.
+            click.echo(mask_urls_in("".join(traceback.format_exception(exc))), err=True, nl=False)
+            ctx.exit(1)
+
+
+@click.group(
+    cls=MeterGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100}
+)
 @click.version_option(package_name="meter")
 def main() -> None:
     """meter: an observability and metering proxy for OpenAI-compatible LLM APIs."""
@@ -90,7 +115,9 @@ def serve(**flags: Any) -> None:
         migrate = [sys.executable, "-m", "meter", "db", "upgrade", "--database", settings.database_url]
         done = subprocess.run(migrate, check=False, capture_output=True, text=True)
         if done.returncode != 0:  # quiet on success: serve's output stays pure log lines (JSON or text)
-            raise click.ClickException(f"migrating {settings.database_url} failed:\n{done.stderr}")
+            raise click.ClickException(
+                f"migrating {mask_url(settings.database_url)} failed:\n{mask_urls_in(done.stderr)}"
+            )
         settings = dataclasses.replace(settings, auto_migrate=False)
     created_metrics_dir = None
     if settings.workers > 1 or settings.metrics_multiprocess_dir:
@@ -208,10 +235,11 @@ def db() -> None:
 @click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
 def db_upgrade(revision: str, database_url: str | None) -> None:
     """Migrate the database up to REVISION (default: head)."""
+    from meter.cli_runner import run_on_database
     from meter.db.migrate import upgrade
 
     settings = _settings(database_url=database_url)
-    asyncio.run(upgrade(settings.database_url, revision))
+    run_on_database(settings.database_url, upgrade(settings.database_url, revision))
     click.echo(f"database at {revision}")
 
 
@@ -220,10 +248,11 @@ def db_upgrade(revision: str, database_url: str | None) -> None:
 @click.option("--database", "database_url", default=None, help="Database URL [METER_DATABASE_URL].")
 def db_downgrade(revision: str, database_url: str | None) -> None:
     """Migrate the database down to REVISION ('base' removes every table)."""
+    from meter.cli_runner import run_on_database
     from meter.db.migrate import downgrade
 
     settings = _settings(database_url=database_url)
-    asyncio.run(downgrade(settings.database_url, revision))
+    run_on_database(settings.database_url, downgrade(settings.database_url, revision))
     click.echo(f"database at {revision}")
 
 
@@ -299,7 +328,9 @@ def usage(
         finally:
             await engine.dispose()
 
-    click.echo(render(asyncio.run(run()), fmt), nl=False)
+    from meter.cli_runner import run_on_database
+
+    click.echo(render(run_on_database(settings.database_url, run()), fmt), nl=False)
 
 
 @main.group()
@@ -367,8 +398,10 @@ def journal_replay_command(directory: str, database_url: str | None, timeout: fl
         finally:
             await engine.dispose()
 
+    from meter.cli_runner import run_on_database
+
     try:
-        result = asyncio.run(run())
+        result = run_on_database(settings.database_url, run())
     except JournalLocked as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(

@@ -16,12 +16,12 @@ import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import urlsplit
 
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.cli_runner import actor, database_option, echo_rows, open_store, run_action
+from meter.redact import mask_url
 
 team_option = click.option("--team", "team_name", default=None, help="The team.")
 key_option = click.option("--key", "key_id", type=int, default=None, help="The key, by id (meter key list).")
@@ -173,14 +173,6 @@ def quota_show(team_name: str | None, key_id: int | None, fmt: str, database_url
 # -- status ---------------------------------------------------------------------------------------
 
 
-def _redis_location(url: str) -> str:
-    """The Redis URL without credentials."""
-    parts = urlsplit(url)
-    host = parts.hostname or parts.path or "localhost"
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}{parts.path if parts.hostname else ''}"
-
-
 @quota.command("status")
 @team_option
 @key_option
@@ -199,7 +191,7 @@ def quota_status(team_name: str | None, key_id: int | None, fmt: str, database_u
         if settings.redis_url:
             states = await _redis_states(settings, subjects, now)
             status = render_status(states, now, source="redis")
-            status["redis"] = _redis_location(settings.redis_url)
+            status["redis"] = mask_url(settings.redis_url)
             return status
         return render_status(
             await _database_states(engine, settings, subjects, now), now, source="database", live=False
@@ -266,7 +258,7 @@ async def _redis_states(
         states = await store.status([policy for _, policy in limited], now) if limited else ()
     except StoreUnavailable as exc:
         raise click.ClickException(
-            f"Redis at {_redis_location(settings.redis_url)} cannot be reached ({exc.cause!r}); "
+            f"Redis at {mask_url(settings.redis_url)} cannot be reached ({exc.cause!r}); "
             "unset METER_REDIS_URL to read the spend from the database instead"
         ) from None
     finally:

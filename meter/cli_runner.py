@@ -5,7 +5,9 @@ Rule 1: the commands work on the database directly (``--database`` / ``METER_DAT
         SQLite database is migrated first (as ``meter usage``), any other is left to ``meter db
         upgrade``. A running meter applies a change within its directory refresh interval (2 s by
         default).
-Rule 2: a meter error ends the command with its message (exit status 1), never a traceback.
+Rule 2: a meter error ends the command with its message (exit status 1), never a traceback; so does
+        a database that cannot be reached or refuses the command, named by its masked URL
+        (:func:`meter.redact.mask_url`).
 Rule 3: the price catalog is built like a server's: the shipped sheet, the price file
         (``METER_PRICE_FILE``; give the CLI the same one as the servers) and the database's rows.
 """
@@ -13,14 +15,18 @@ Rule 3: the price catalog is built like a server's: the shipped sheet, the price
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import socket
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
 from typing import Any, TypeVar
 
 import click
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.errors import MeterError
+from meter.redact import mask_url
+from meter.settings import SettingsError
 
 T = TypeVar("T")
 FORMAT = click.Choice(["table", "json", "csv"])
@@ -49,10 +55,26 @@ def run_action(database_url: str | None, action: Callable[[AsyncEngine, Any], Aw
         finally:
             await engine.dispose()
 
+    return run_on_database(settings.database_url, main())
+
+
+# What reaching a database can raise: refused, unknown host, no answer, or the driver's own errors
+# (SQLAlchemy wraps asyncpg's and sqlite3's).
+DATABASE_FAILURES = (SQLAlchemyError, ConnectionError, socket.gaierror, TimeoutError)
+
+
+def run_on_database(database_url: str, main: Coroutine[Any, Any, T]) -> T:
+    """``asyncio.run(main)`` for a command working on ``database_url``, with Rule 2's errors."""
+    from meter.db.engine import describe_error
+
     try:
-        return asyncio.run(main())
+        return asyncio.run(main)
     except MeterError as exc:
         raise click.ClickException(exc.message) from None
+    except SettingsError as exc:  # e.g. METER_KEY_SECRET missing, found when the store is opened
+        raise click.ClickException(str(exc)) from None
+    except DATABASE_FAILURES as exc:
+        raise click.ClickException(f"database {mask_url(database_url)}: {describe_error(exc)}") from None
 
 
 def open_store(engine: AsyncEngine, settings: Any) -> Any:

@@ -23,6 +23,18 @@ Rule 3: a level above info costs one check per request.
 log line as a JSON object (request lines as above, other lines as ``{"ts", "level", "logger",
 "message"}``); ``text`` is the classic ``time LEVEL logger: message`` for a terminal, with request lines
 as ``200 POST /v1/chat/completions model=... tokens=12+4 dur=12.3ms ...``.
+
+Rule 4: a log line never shows a URL's password or query values: both formatters pass what they
+        write through :func:`meter.redact.mask_urls_in`, whichever logger (meter's, a library's,
+        a traceback) produced it.
+Rule 5: one record is one line in text format. A client's value (model name, path, error text)
+        cannot start a new line or drive the terminal: the message is escaped
+        (:func:`meter.printable.escape_controls`), and a traceback's lines are indented, so a line
+        starting in the first column is always the start of a record. A JSON line is one line by
+        JSON's escaping, completed by :func:`meter.printable.escape_json_line` for the characters
+        JSON leaves raw (U+2028, C1 controls, bidirectional marks).
+Rule 6: below debug, the loggers of the libraries meter drives (httpx and httpcore, which log every
+        request's full URL at info, aiohttp, asyncpg, redis, alembic) are set to warning.
 """
 
 from __future__ import annotations
@@ -40,7 +52,9 @@ from typing import Any, Literal, TextIO
 import orjson
 
 from meter.metrics import error_type
+from meter.printable import escape_controls, escape_controls_keep_lines, escape_json_line
 from meter.records import UsageRecord
+from meter.redact import mask_urls_in
 
 LogFormat = Literal["json", "text"]
 OnDrop = Callable[[str, str, int], None]
@@ -94,7 +108,7 @@ def format_json(record: UsageRecord, logger_name: str = "meter.requests") -> str
         "event": "request",
         **request_fields(record),
     }
-    return orjson.dumps(line).decode()
+    return escape_json_line(orjson.dumps(line).decode())  # Rule 5: model and path are the client's
 
 
 def format_text(record: UsageRecord) -> str:
@@ -122,7 +136,7 @@ def format_text(record: UsageRecord) -> str:
     trace_id = getattr(record, "trace_id", None) or CURRENT_TRACE_ID.get()
     if trace_id:
         parts.append(f"trace={trace_id}")
-    return " ".join(parts)
+    return escape_controls(" ".join(parts))  # model, path, key suffix, request id: the client's
 
 
 def _count(value: int | None) -> str:
@@ -203,25 +217,48 @@ class RequestLog:
 
 
 class JsonFormatter(logging.Formatter):
-    """Every log line as one JSON object; request lines pass through as they were built."""
+    """Every log line as one JSON object; request lines pass through as they were built (Rule 4
+    applies to both)."""
 
     def format(self, record: logging.LogRecord) -> str:
         if getattr(record, JSON_ATTRIBUTE, False):
-            return record.getMessage()
+            return mask_urls_in(record.getMessage())
         line: dict[str, Any] = {
             "ts": datetime.fromtimestamp(record.created, UTC)
             .isoformat(timespec="milliseconds")
             .replace("+00:00", "Z"),
             "level": record.levelname.lower(),
             "logger": record.name,
-            "message": record.getMessage(),
+            "message": mask_urls_in(record.getMessage()),
         }
         if record.exc_info:
-            line["exception"] = self.formatException(record.exc_info)
-        return orjson.dumps(line).decode()
+            line["exception"] = mask_urls_in(self.formatException(record.exc_info))
+        return escape_json_line(orjson.dumps(line).decode())
 
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+CONTINUATION = "  "  # prefix of a traceback's lines in text format (Rule 5)
+
+
+class TextFormatter(logging.Formatter):
+    """``time LEVEL logger: message``, one line per record; a traceback follows, indented (Rules 4-5)."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(mask_urls_in(super().formatMessage(record)))
+
+    def formatException(self, ei: Any) -> str:
+        return _continuation(super().formatException(ei))
+
+    def formatStack(self, stack_info: str) -> str:
+        return _continuation(super().formatStack(stack_info))
+
+
+def _continuation(text: str) -> str:
+    text = escape_controls_keep_lines(mask_urls_in(text))
+    return "\n".join(CONTINUATION + line for line in text.split("\n"))
 
 
 def resolve_format(setting: str, stream: TextIO | None = None) -> LogFormat:
@@ -235,14 +272,20 @@ def resolve_format(setting: str, stream: TextIO | None = None) -> LogFormat:
     return "text" if isatty is not None and isatty() else "json"
 
 
+# Libraries whose info lines are not for an operator: httpx and httpcore log every request with its
+# full URL, query string included; the others log connection and set-up chatter.
+QUIET_LIBRARIES = ("httpx", "httpcore", "aiohttp", "asyncpg", "redis", "alembic", "hpack", "urllib3")
+
+
 def configure_logging(level: str, fmt: LogFormat, stream: TextIO | None = None) -> None:
     """Configure the process's root logger once: ``level`` (debug/info/warning/error), ``fmt``."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
-    if level != "debug":
-        logging.getLogger("alembic").setLevel(logging.WARNING)  # per-plugin set-up lines are noise
+    quiet = logging.NOTSET if level == "debug" else logging.WARNING  # Rule 6
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(quiet)

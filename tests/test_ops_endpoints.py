@@ -80,7 +80,8 @@ def test_admin_usage_and_requests(start_meter, simulator):
     recent = httpx.get(f"{meter.url}/admin/v1/requests", params={"model": "m-a"}, headers=auth).json()["data"]
     assert len(recent) == 2 and all(r["requested_model"] == "m-a" for r in recent)
     assert all("fw-team" not in json.dumps(r) for r in recent)
-    schema = httpx.get(f"{meter.url}/admin/schema/openapi.json")
+    assert httpx.get(f"{meter.url}/admin/schema/openapi.json").status_code == 401
+    schema = httpx.get(f"{meter.url}/admin/schema/openapi.json", headers=auth)
     assert schema.status_code == 200 and "/admin/v1/usage" in schema.json()["paths"]
 
 

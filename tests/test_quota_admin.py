@@ -4,7 +4,6 @@ field, 404s, audit), and ``/quota/status`` rendered from a real admission over t
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import AsyncIterator, Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -21,6 +20,7 @@ from meter.quota.policy import Limits, Policy
 from meter.quota.store import StoreUnavailable, SubjectState
 from meter.records import Usage
 from meter.tenancy import Tenancy, TenancyConfig
+from meter.tenancy.audit import admin_actor
 from tests.test_quota_admission import INFO, price
 from tests.test_teams_admin import AUTH, FP, TOKEN, admin_app, asgi_client
 
@@ -119,7 +119,7 @@ async def test_set_show_and_clear_limits(client: httpx.AsyncClient, tenancy: Ten
         ("team.limits", "team:search", {}),
         ("key.limits", f"key:{key['id']}", {}),
     ]
-    actor = "admin:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+    actor = admin_actor(TOKEN, FP)
     assert {e["actor"] for e in audit} == {actor}
 
 
@@ -266,7 +266,7 @@ async def test_status_is_503_without_quotas_or_their_store(
 
 
 async def test_schema_and_token_guard(client: httpx.AsyncClient) -> None:
-    schema = (await client.get("/admin/schema/openapi.json")).json()
+    schema = (await client.get("/admin/schema/openapi.json", headers=AUTH)).json()
     assert set(schema["paths"]["/admin/v1/teams/{name}/limits"]) == {"get", "put", "delete"}
     assert set(schema["paths"]["/admin/v1/keys/{key_id}/limits"]) == {"get", "put", "delete"}
     assert "get" in schema["paths"]["/admin/v1/quota/status"]

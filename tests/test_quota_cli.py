@@ -246,23 +246,23 @@ def test_status_from_redis(run: Any, redis_prefix: str) -> None:
             await store.aclose()
 
     asyncio.run(admit_one())
-    # Credentials in the URL are never shown. The test server has no password: its default user takes
-    # any (AUTH default sekrit), where a password alone (AUTH sekrit) would be refused.
+    # The password in the URL is never shown (meter.redact). The test server has no password: its
+    # default user takes any (AUTH default sekrit), where a password alone (AUTH sekrit) is refused.
     redis_env = {
         "METER_REDIS_URL": "redis://default:sekrit@127.0.0.1:6379/0",
         "METER_QUOTA_PREFIX": redis_prefix,
     }
     result = run("quota", "status", "--team", "search", "--format", "json", extra_env=redis_env)
     status = json.loads(result.output)
-    assert status["source"] == "redis" and status["redis"] == "redis://127.0.0.1:6379/0"
-    assert "sekrit" not in result.output and "default:" not in result.output
+    assert status["source"] == "redis" and status["redis"] == "redis://default:***@127.0.0.1:6379/0"
+    assert "sekrit" not in result.output
     by_kind = {limit["kind"]: limit for limit in status["data"][0]["limits"]}
     assert (by_kind["budget_usd"]["used"], by_kind["budget_usd"]["reserved"]) == ("0", "0.5")
     assert (by_kind["rpm"]["used"], by_kind["rpm"]["remaining"]) == (1, 59)
     assert by_kind["rpm"]["resets_at"] is not None
     assert (by_kind["concurrency"]["used"], by_kind["concurrency"]["remaining"]) == (1, 4)
     table = run("quota", "status", "--team", "search", extra_env=redis_env).output
-    assert table.startswith("source: live counters in Redis (redis://127.0.0.1:6379/0)")
+    assert table.startswith("source: live counters in Redis (redis://default:***@127.0.0.1:6379/0)")
 
     down = run(
         "quota",

@@ -4,7 +4,6 @@ display, audit, OpenAPI schema, and the token guard (401s, constant-time compari
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import statistics
 import time
 from collections.abc import AsyncIterator
@@ -14,16 +13,16 @@ import httpx
 import pytest
 from litestar import Litestar
 from litestar.exceptions import HTTPException
-from litestar.openapi import OpenAPIConfig
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.admin import admin_router, http_error_handler, meter_error_handler, require_admin
+from meter.admin import admin_router, http_error_handler, meter_error_handler, openapi_config, require_admin
 from meter.admin_manage import manage_router
 from meter.db.tenancy_models import api_keys, audit_log
 from meter.errors import AuthenticationError, MeterError
 from meter.identity import KeyFingerprinter
 from meter.tenancy import Tenancy, TenancyConfig
+from meter.tenancy.audit import admin_actor
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -35,7 +34,7 @@ def admin_app(engine: AsyncEngine, tenancy: Tenancy, token: str | None = TOKEN) 
     app = Litestar(
         route_handlers=[admin_router(), manage_router()],
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
-        openapi_config=OpenAPIConfig(title="meter admin API", version="test", path="/admin/schema"),
+        openapi_config=openapi_config("test"),
         logging_config=None,
     )
     app.state.engine = engine
@@ -136,7 +135,7 @@ async def test_team_and_key_lifecycle_through_the_api(
     assert deleted.status_code == 200 and deleted.json()["keys_removed"] == 1
 
     audit = (await client.get("/admin/v1/audit", headers=AUTH)).json()["data"]
-    actor = "admin:" + hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+    actor = admin_actor(TOKEN, FP)
     assert {e["actor"] for e in audit} == {actor}
     assert [e["action"] for e in reversed(audit)] == [
         "team.create",
@@ -157,7 +156,7 @@ async def test_team_and_key_lifecycle_through_the_api(
 
 
 async def test_schema_lists_the_endpoints(client: httpx.AsyncClient) -> None:
-    schema = (await client.get("/admin/schema/openapi.json")).json()
+    schema = (await client.get("/admin/schema/openapi.json", headers=AUTH)).json()
     for path in (
         "/admin/v1/teams",
         "/admin/v1/teams/{name}/keys",

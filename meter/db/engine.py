@@ -13,6 +13,9 @@ Rule 3: PostgreSQL connections are pre-pinged on checkout (a server restart cost
 
 Failure policy: this module never retries. :func:`ping` turns any failure into a short reason string
 for health endpoints and start-up checks; callers decide whether that is fatal.
+
+Secrets: a URL in an error this module raises or describes is masked (:mod:`meter.redact`), so a
+password never reaches a log line, ``/readyz`` or the CLI through it.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from sqlalchemy import event, text
 from sqlalchemy.engine.interfaces import DBAPIConnection
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
+
+from meter.redact import mask_url, mask_urls_in
 
 # Bare schemes a user may write, and the asyncio driver meter uses for each.
 _ASYNC_DRIVERS = {
@@ -47,7 +52,7 @@ def normalize_url(url: str) -> str:
     """
     scheme, sep, rest = url.strip().partition("://")
     if not sep or not scheme:
-        raise ValueError(f"database URL {url!r} is not of the form 'scheme://...'")
+        raise ValueError(f"database URL {mask_url(url)!r} is not of the form 'scheme://...'")
     scheme = scheme.lower()
     if "+" in scheme:
         return f"{scheme}://{rest}"
@@ -117,10 +122,12 @@ def describe_error(exc: BaseException, limit: int = 200) -> str:
     """A short, single-line description of a database error for logs and health checks.
 
     SQLAlchemy wraps driver errors with the SQL and parameters attached; those can be huge (a whole
-    batch) and are not wanted in a health answer, so only the driver's message is kept.
+    batch) and are not wanted in a health answer, so only the driver's message is kept, with any URL
+    in it masked.
     """
     orig = getattr(exc, "orig", None)
     inner = orig if isinstance(orig, BaseException) else exc
-    message = str(inner).strip().splitlines()[0] if str(inner).strip() else ""
+    text = mask_urls_in(str(inner)).strip()
+    message = text.splitlines()[0] if text else ""
     reason = f"{type(inner).__name__}: {message}" if message else type(inner).__name__
     return reason if len(reason) <= limit else reason[: limit - 3] + "..."

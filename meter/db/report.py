@@ -3,8 +3,12 @@
 Pure: no I/O, no database. Formats:
 
 * ``table``: aligned plain text with a header row; numbers right-aligned, text left-aligned,
-  ``None`` shown as ``-`` (not reported) so it cannot be mistaken for 0.
-* ``csv``: RFC 4180 via :mod:`csv`, header row first, ``None`` as an empty field.
+  ``None`` shown as ``-`` (not reported) so it cannot be mistaken for 0. Control characters in a
+  cell are escaped (:func:`meter.printable.escape_controls`): a row is one line whatever a model
+  name holds.
+* ``csv``: RFC 4180 via :mod:`csv` (CRLF line ends), header row first, ``None`` as an empty field.
+  A text cell a spreadsheet would run as a formula gets a leading ``'``
+  (:func:`meter.printable.csv_text_cell`); numbers, booleans and dates are written as they are.
 * ``json``: a JSON array of objects, ``None`` as ``null``; datetimes, dates and Decimals as strings.
 
 Columns are the union of the rows' keys in first-seen order, so sparse rows still line up.
@@ -19,6 +23,8 @@ from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
+
+from meter.printable import csv_text_cell, escape_controls
 
 FORMATS: tuple[str, ...] = ("table", "csv", "json")
 NOT_REPORTED = "-"
@@ -53,7 +59,7 @@ def _cell(value: Any) -> str:
         return value.isoformat()
     if isinstance(value, dict | list):
         return json.dumps(value, sort_keys=True, default=_json_default)
-    return str(value)
+    return escape_controls(str(value))
 
 
 def _is_number(value: Any) -> bool:
@@ -87,7 +93,9 @@ def _table(rows: list[dict[str, Any]]) -> str:
 def _csv(rows: list[dict[str, Any]]) -> str:
     columns = _columns(rows)
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    # CRLF, as RFC 4180 says: the writer then also quotes a cell holding a lone "\r", which with "\n"
+    # line ends it would leave bare, ending the row there for any reader.
+    writer = csv.writer(buffer, lineterminator="\r\n")
     if columns:
         writer.writerow(columns)
     for row in rows:
@@ -99,10 +107,12 @@ def _csv_cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, dict | list):
-        return json.dumps(value, sort_keys=True, default=_json_default)
+        return json.dumps(value, sort_keys=True, default=_json_default)  # starts with { or [
     if isinstance(value, datetime | date):
         return value.isoformat()
-    return str(value)
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    return csv_text_cell(str(value))
 
 
 def _json(rows: list[dict[str, Any]]) -> str:

@@ -3,23 +3,29 @@
 Rule 1: an audit row is written inside the transaction of the change it records, together with the
         bump of ``tenancy_state.version`` that tells every replica to reload (meter.db.tenancy_models,
         Rule 2): both happen with the change or not at all (meter.tenancy.store, Rule 1).
-Rule 2: actors are named, never identified by a secret: ``admin:`` + a short digest of the admin token,
-        ``cli:`` + the operating-system user.
+Rule 2: actors are named, never identified by a secret: ``cli:`` + the operating-system user, or
+        ``admin:`` + 16 hex digits of a keyed digest of the admin token (:func:`admin_actor`): HMAC-SHA256
+        under meter's key secret (``METER_KEY_SECRET``, the one key fingerprints use), so two tokens
+        are told apart after a rotation, and nobody without the secret can test a guessed token
+        against the audit log. (Rows written before this rule carry ``admin:`` + 12 hex digits of an
+        unkeyed SHA-256.)
 """
 
 from __future__ import annotations
 
 import getpass
-import hashlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from meter.db.tenancy_models import audit_log, tenancy_state
+
+if TYPE_CHECKING:
+    from meter.identity import KeyFingerprinter
 
 Clock = Callable[[], datetime]
 
@@ -28,10 +34,16 @@ def utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-def admin_actor(token: str) -> str:
-    """The audit actor for a request made with admin ``token``: a short digest, enough to tell two
-    tokens apart after a rotation, too short to help anyone guess the token."""
-    return "admin:" + hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()[:12]
+# Put before the token, so the digest is never an API key's fingerprint: no HTTP header holds a NUL,
+# so no client can make the proxy fingerprint this string.
+ADMIN_ACTOR_CONTEXT = "\x00meter audit actor\x00"
+ADMIN_ACTOR_DIGITS = 16
+
+
+def admin_actor(token: str, fingerprinter: KeyFingerprinter) -> str:
+    """The audit actor for a request made with admin ``token`` (Rule 2)."""
+    digest = fingerprinter.identify(ADMIN_ACTOR_CONTEXT + token).fingerprint
+    return "admin:" + digest[:ADMIN_ACTOR_DIGITS]
 
 
 def cli_actor() -> str:
