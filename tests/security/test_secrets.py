@@ -79,7 +79,14 @@ def test_serve_prints_no_password_and_readyz_names_none(tmp_path: Path) -> None:
     """PostgreSQL unreachable, Redis refusing the password, upstream down: the start-up line, the
     warnings, ``/readyz`` and the request log show every URL masked."""
     database = f"postgresql://meter:{DB_PASSWORD}@127.0.0.1:{free_port()}/meter"
+    # An upstream URL carrying credentials is refused at start, and the refusal masks them.
     upstream = f"http://meter:{UPSTREAM_PASSWORD}@127.0.0.1:{free_port()}/v1?key={QUERY_TOKEN}"
+    refused = meter_process(tmp_path, upstream, database)
+    with pytest.raises(RuntimeError, match="must not carry credentials") as caught:
+        refused.start()
+    assert "http://meter:***@127.0.0.1:" in str(caught.value)
+    assert_no_secret(refused.log.read_text())
+    upstream = f"http://127.0.0.1:{free_port()}/v1"
     env = {
         "METER_REDIS_URL": f"redis://:{REDIS_PASSWORD}@127.0.0.1:6379/0",
         "METER_JOURNAL_DIR": str(tmp_path / "journal"),
@@ -98,7 +105,7 @@ def test_serve_prints_no_password_and_readyz_names_none(tmp_path: Path) -> None:
         wait_for(lambda: "meter.requests" in meter.log.read_text(), message="the request line")
     log = meter.log.read_text()
     assert "recording to postgresql://meter:***@127.0.0.1:" in log  # the start-up line
-    assert "forwarding to http://meter:***@127.0.0.1:" in log and "/v1?key=***" in log
+    assert "forwarding to http://127.0.0.1:" in log
     assert_no_secret(log)
 
 
