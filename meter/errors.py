@@ -4,16 +4,21 @@ Hierarchy::
 
     MeterError
     ├── RequestError              4xx: the client's request cannot be forwarded as sent
-    │   └── RequestTooLarge       413
+    │   ├── RequestTimeout        408: the request head did not arrive in time (the serving edge)
+    │   ├── RequestTooLarge       413
+    │   ├── MalformedRequest      400: not an HTTP/1.1 request meter can parse (the serving edge)
+    │   └── RequestHeadTooLarge   431: request line and headers past their size or count (the serving edge)
     ├── AuthenticationError       401 (virtual keys, admin API)
     ├── PermissionDenied          403
+    ├── TooManyConnections        503: the process holds its maximum of client connections (the serving edge)
     └── UpstreamError             5xx: meter could not complete the exchange with the upstream
         ├── UpstreamUnreachable   502: connection refused / DNS / TLS / reset before a response
         ├── UpstreamProtocolError 502: the upstream answered something that is not HTTP
         └── UpstreamTimeout       504: connect or read timeout
 
 Error *responses* of the upstream are not exceptions: they pass through unchanged. Third-party
-exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward`.
+exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward`. The serving edge's
+errors (:mod:`meter.http_guard`) are answered by the HTTP protocol itself, before any ASGI request exists.
 """
 
 from __future__ import annotations
@@ -40,9 +45,23 @@ class RequestError(MeterError):
     error_type = "invalid_request_error"
 
 
+class RequestTimeout(RequestError):
+    status_code = 408
+    code = "request_timeout"
+
+
 class RequestTooLarge(RequestError):
     status_code = 413
     code = "request_too_large"
+
+
+class MalformedRequest(RequestError):
+    code = "malformed_request"
+
+
+class RequestHeadTooLarge(RequestError):
+    status_code = 431
+    code = "request_header_fields_too_large"
 
 
 class AuthenticationError(MeterError):
@@ -55,6 +74,12 @@ class PermissionDenied(MeterError):
     status_code = 403
     error_type = "permission_error"
     code = "forbidden"
+
+
+class TooManyConnections(MeterError):
+    status_code = 503
+    error_type = "api_error"
+    code = "too_many_connections"
 
 
 class UpstreamError(MeterError):
