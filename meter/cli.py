@@ -121,6 +121,9 @@ def _run_server(settings: Settings) -> None:
         settings.upstream_url,
         settings.database_url,
     )
+    from meter.serving import open_files_needed, raise_open_file_limit, uvicorn_options
+
+    raise_open_file_limit(open_files_needed(settings))  # before the workers start: they inherit it
     if settings.server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
@@ -144,18 +147,9 @@ def _run_server(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
         log_config=None,  # uvicorn's own lines go through meter's handler (JSON or text)
-        server_header=False,  # the upstream's own Server and Date headers pass through instead
-        date_header=False,
-        # meter never reads the client address; uvicorn's X-Forwarded-* middleware cost ~3% of a core
-        proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
         log_level=settings.log_level,
-        backlog=4096,
+        **uvicorn_options(settings),
     )
 
 
