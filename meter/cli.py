@@ -121,7 +121,7 @@ def _run_server(settings: Settings) -> None:
         settings.upstream_url,
         settings.database_url,
     )
-    from meter.serving import open_files_needed, raise_open_file_limit, uvicorn_options
+    from meter.serving import granian_options, open_files_needed, raise_open_file_limit, uvicorn_options
 
     raise_open_file_limit(open_files_needed(settings))  # before the workers start: they inherit it
     if settings.server == "granian":
@@ -136,7 +136,7 @@ def _run_server(settings: Settings) -> None:
             workers=settings.workers,
             factory=True,
             log_level=settings.log_level,  # type: ignore[arg-type]
-            workers_kill_timeout=int(settings.shutdown_grace),
+            **granian_options(settings),
         ).serve()
         return
     import uvicorn

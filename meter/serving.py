@@ -4,10 +4,11 @@ Whoever can reach meter's port can open connections and send nothing, send a req
 minute, or send megabytes of headers. uvicorn's httptools protocol bounds none of these (its one timer is
 the keep-alive timer, armed after a response), so meter's uvicorn runs
 :class:`meter.http_guard.GuardedHttpToolsProtocol` with the :class:`ConnectionLimits` below; what each
-limit does is that module's rules.
+limit does is that module's rules. granian enforces what its HTTP/1 settings offer
+(:func:`granian_options` says what that leaves out).
 
-:func:`uvicorn_options` is the only description of how meter's server runs: the CLI passes it on, and
-tests that need meter's real serving edge use the same function.
+Both :func:`uvicorn_options` and :func:`granian_options` are the only description of how meter's server
+runs: the CLI passes them on, and tests that need meter's real serving edge use the same function.
 """
 
 from __future__ import annotations
@@ -74,6 +75,41 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": math.ceil(settings.client_keepalive_timeout),
         "timeout_graceful_shutdown": int(settings.shutdown_grace),
         "backlog": 4096,
+    }
+
+
+# hyper's smallest allowed read buffer (granian refuses less)
+GRANIAN_MIN_BUFFER = 8192
+
+
+def granian_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``granian.Granian``: everything but the target, the address, the workers and
+    logging.
+
+    What granian 2.8's HTTP/1 server (hyper) does with them, as measured:
+
+    * head size: ``max_buffer_size`` (at least 8 KiB) is the buffer a head must fit into; past it 431;
+    * header count: hyper's fixed 100, whatever METER_MAX_REQUEST_HEADERS says; past it 431;
+    * head deadline: ``header_read_timeout`` runs from a head's first byte, then a plain close (no 408);
+      it also runs from the end of a response, so it is the keep-alive timeout too
+      (METER_CLIENT_KEEPALIVE_TIMEOUT is not applied);
+    * a connection that never sends a byte is never closed;
+    * connections: ``backpressure`` is the connections a worker holds at once; one more waits,
+      unanswered, in the listen backlog until a slot frees (no 503). Silent connections keep their slots
+      for good, so ``backpressure`` of them lock meter out.
+
+    Refusals are hyper's, with empty bodies, not the OpenAI error shape.
+    """
+    from granian.http import HTTP1Settings
+
+    return {
+        "http1_settings": HTTP1Settings(
+            header_read_timeout=max(1, round(settings.client_header_timeout * 1000)),
+            keep_alive=True,
+            max_buffer_size=max(GRANIAN_MIN_BUFFER, settings.max_request_head_bytes),
+        ),
+        "backpressure": settings.max_client_connections,
+        "workers_kill_timeout": int(settings.shutdown_grace),
     }
 
 
