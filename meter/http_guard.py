@@ -2,7 +2,9 @@
 
 Rule 1 (head size): a request head (request line and header lines) larger than ``max_head_bytes``, or
         with more than ``max_header_fields`` fields, is answered 431. Bytes count as they arrive, so a
-        head that never ends is refused once it passes the limit, not when (if ever) it ends.
+        head that never ends is refused once it passes the limit, not when (if ever) it ends; a head
+        that begins in the read which ended the message before it (pipelining) counts from that read.
+        Fields are counted when the head completes: until then its bytes bound how many can arrive.
 Rule 2 (head deadline): a head must be complete ``head_timeout`` seconds after the connection opened
         or, on a kept-alive connection, after its first byte arrived. Past that: 408 if part of a request
         came, a plain close if nothing did.
@@ -24,9 +26,10 @@ connection then parses nothing more, half-closes, and discards what the client s
 the client reads it. At most ``MAX_LINGERING`` connections of a process linger at once; past that a
 closing connection is closed at once.
 
-Cost per request: a counter per header field, a few attribute tests per read and per response, and a
-timer only for a head that does not arrive in one read (a connection's first head uses the timer armed
-when it opened). Nothing per body chunk beyond uvicorn's own work.
+Cost per request: a few attribute tests per read and per response, a count of the fields when a head
+completes, and a timer only for a head that does not arrive in one read (a connection's first head uses
+the timer armed when it opened); fields are summed only for a head completed by a read larger than the
+limit. Nothing per header field, nothing per body chunk.
 
 This subclass relies on uvicorn's protocol internals (``parser``, ``cycle``, ``connections``, the
 keep-alive timer); pyproject pins the uvicorn versions it was written against, and
@@ -53,7 +56,7 @@ from meter.serving import ConnectionLimits
 log = logging.getLogger("meter.serving")
 
 LINGER = 2.0  # seconds a closing connection reads (and discards) after its last answer
-MAX_LINGERING = 256  # refused connections lingering at once, per process
+MAX_LINGERING = 256  # closing connections lingering at once, per process
 _WARN_EVERY = 10.0  # seconds between two warnings that the connection limit refused someone
 
 
@@ -101,8 +104,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # Slots: uvicorn's attributes stay in the instance dict; these would grow it past its next size
     # (measured: 1.2 KiB more per connection without them; 1,000 connections, uvloop).
     __slots__ = (
-        "_field_bytes",
-        "_fields",
         "_head_begun",
         "_head_bytes",
         "_head_timeout",
@@ -136,8 +137,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._reading_head = True
         self._head_bytes = 0
         self._head_begun = False  # the parser began a message whose head is not complete
-        self._fields = 0
-        self._field_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._refusal: MeterError | None = None  # raised by a parser callback, answered by data_received
         self._refusing = False  # refused: input is discarded
@@ -204,7 +203,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         yet: an over-count, never an under-count."""
         last = data.rfind(b"\n")
         held = len(data) - data.rfind(b"\n", 0, last) - 1 if last > 0 else len(data)
-        return len(self.url) + self._field_bytes + 4 * self._fields + held
+        return self._parsed_head() + held
+
+    def _parsed_head(self) -> int:
+        """What the parser delivered of the current head: its target and complete fields."""
+        return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
 
     # Parser callbacks
 
@@ -212,24 +215,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_begun = True
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._fields += 1
-        self._field_bytes += len(name) + len(value)
-        if self._fields > self._max_header_fields:
+    def on_headers_complete(self) -> None:
+        self._cancel_head_timer()
+        counted = self._head_bytes
+        self._reading_head = self._head_begun = False
+        self._head_bytes = 0
+        if len(self.headers) > self._max_header_fields:
             self._refusal = RequestHeadTooLarge(
                 f"The request has more than {self._max_header_fields} header fields, meter's limit."
             )
             raise _Refused
-        super().on_header(name, value)
-
-    def on_headers_complete(self) -> None:
-        self._cancel_head_timer()
-        # The completed head's size as parsed ("name: value\r\n" per field), not the bytes read: a read
-        # that completes a head may carry the start of its body too.
-        size = len(self.url) + self._field_bytes + 4 * self._fields
-        self._reading_head = self._head_begun = False
-        self._head_bytes = self._fields = self._field_bytes = 0
-        if size > self._max_head_bytes:
+        # The bytes read since the head began bound its size, unless the read that completed it was past
+        # the limit (it may carry the body's start) or began in the message before (0 counted): then
+        # what was parsed decides.
+        if not 0 < counted <= self._max_head_bytes and self._parsed_head() > self._max_head_bytes:
             self._refusal = self._head_too_large()
             raise _Refused
         super().on_headers_complete()

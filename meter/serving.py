@@ -7,8 +7,8 @@ the keep-alive timer, armed after a response), so meter's uvicorn runs
 limit does is that module's rules. granian enforces what its HTTP/1 settings offer
 (:func:`granian_options` says what that leaves out).
 
-Both :func:`uvicorn_options` and :func:`granian_options` are the only description of how meter's server
-runs: the CLI passes them on, and tests that need meter's real serving edge use the same function.
+:func:`uvicorn_options` and :func:`granian_options` are the one description of how each server runs
+meter: the CLI passes them on, and tests that need meter's real serving edge use them too.
 """
 
 from __future__ import annotations
