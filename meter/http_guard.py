@@ -13,12 +13,17 @@ Rule 3 (idle): a kept-alive connection waiting for its next request is closed af
 Rule 4 (connections): a process holds at most ``max_connections`` client connections; the next one is
         answered 503 at once and closed.
 Rule 5 (bodies and responses are not ours): every rule ends where a head is complete. A request body
-        (its deadline belongs to the forward path) and a response are never cut here. A refusal that
-        would land in the middle of a response on the same connection (a pipelined request behind it)
-        is not written: that response finishes, then the connection closes.
+        (its deadline belongs to the forward path) and a response are never cut here, but for Rule 7.
+        A refusal that would land in the middle of a response on the same connection (a pipelined
+        request behind it) is not written: that response finishes, then the connection closes.
 Rule 6 (no draining without end): a response that completes before its request's body is in (meter
         answered early: 413 on a declared length, or the forward path's body deadline) ends the
         connection, lingering as below. uvicorn would read the rest of the body, with no deadline.
+Rule 7 (slow readers): a client that leaves a response unread, so that meter's write buffer stays past
+        its high-water mark (64 KiB, the kernel's send buffer full before it) for ``send_timeout``
+        seconds, loses the connection: it is aborted, what is buffered dropped. The application then
+        sees the client gone, as after any disconnect, and lets the upstream go. Without it, such a
+        client held its connection, the response and an upstream connection for as long as it liked.
 
 Refusals are written in the OpenAI error shape (:mod:`meter.errors`) with ``connection: close``. The
 connection then parses nothing more, half-closes, and discards what the client still sends for up to
@@ -114,6 +119,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         "_reading_head",
         "_refusal",
         "_refusing",
+        "_send_timeout",
+        "_send_timer",
         "guard",
     )
 
@@ -133,6 +140,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._max_head_bytes = limits.max_head_bytes
         self._max_header_fields = limits.max_header_fields
         self._head_timeout = limits.head_timeout
+        self._send_timeout = limits.send_timeout
+        self._send_timer: asyncio.TimerHandle | None = None
         # Between the end of one message and the end of the next head, received bytes count (Rule 1).
         self._reading_head = True
         self._head_bytes = 0
@@ -157,6 +166,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -208,6 +220,26 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _parsed_head(self) -> int:
         """What the parser delivered of the current head: its target and complete fields."""
         return len(self.url) + sum(len(name) + len(value) + 4 for name, value in self.headers)
+
+    # Transport callbacks
+
+    def pause_writing(self) -> None:
+        if self.flow is not None:  # None: refused at connection_made, its answer small
+            super().pause_writing()
+        if self._send_timer is None:  # Rule 7's clock runs while the write buffer is full
+            self._send_timer = self.loop.call_later(self._send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        if self.flow is not None:
+            super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        self._send_timer = None
+        log.debug("aborting a client connection that read nothing for %g seconds", self._send_timeout)
+        self.transport.abort()  # close() would wait for the buffer to drain: for ever
 
     # Parser callbacks
 

@@ -38,6 +38,7 @@ class ConnectionLimits:
     max_header_fields: int
     head_timeout: float  # seconds for a whole request head
     keepalive_timeout: float  # idle seconds between requests
+    send_timeout: float  # seconds the write buffer may stay full (the client not reading)
     max_connections: int  # open client connections
 
     @classmethod
@@ -47,6 +48,7 @@ class ConnectionLimits:
             max_header_fields=settings.max_request_headers,
             head_timeout=settings.client_header_timeout,
             keepalive_timeout=settings.client_keepalive_timeout,
+            send_timeout=settings.client_send_timeout,
             max_connections=settings.max_client_connections,
         )
 
@@ -94,6 +96,8 @@ def granian_options(settings: Settings) -> dict[str, Any]:
       it also runs from the end of a response, so it is the keep-alive timeout too
       (METER_CLIENT_KEEPALIVE_TIMEOUT is not applied);
     * a connection that never sends a byte is never closed;
+    * a client that stops reading a response keeps its connection (METER_CLIENT_SEND_TIMEOUT is not
+      applied: still open after 8 s with 1 s);
     * connections: ``backpressure`` is the connections a worker holds at once; one more waits,
       unanswered, in the listen backlog until a slot frees (no 503). Silent connections keep their slots
       for good, so ``backpressure`` of them lock meter out.
