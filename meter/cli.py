@@ -141,13 +141,17 @@ def serve(**flags: Any) -> None:
 
 
 def _run_server(settings: Settings) -> None:
+    from meter.redact import mask_url
+    from meter.serving import granian_options, open_files_needed, raise_open_file_limit, uvicorn_options
+
     logging.getLogger("meter").info(
         "meter listening on http://%s:%d, forwarding to %s, recording to %s",
         settings.host,
         settings.port,
-        settings.upstream_url,
-        settings.database_url,
+        mask_url(settings.upstream_url),
+        mask_url(settings.database_url),
     )
+    raise_open_file_limit(open_files_needed(settings))  # before the workers start: they inherit it
     if settings.server == "granian":
         from granian import Granian
         from granian.constants import Interfaces
@@ -160,7 +164,7 @@ def _run_server(settings: Settings) -> None:
             workers=settings.workers,
             factory=True,
             log_level=settings.log_level,  # type: ignore[arg-type]
-            workers_kill_timeout=int(settings.shutdown_grace),
+            **granian_options(settings),
         ).serve()
         return
     import uvicorn
@@ -171,18 +175,9 @@ def _run_server(settings: Settings) -> None:
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
         log_config=None,  # uvicorn's own lines go through meter's handler (JSON or text)
-        server_header=False,  # the upstream's own Server and Date headers pass through instead
-        date_header=False,
-        # meter never reads the client address; uvicorn's X-Forwarded-* middleware cost ~3% of a core
-        proxy_headers=False,
-        timeout_graceful_shutdown=int(settings.shutdown_grace),
         log_level=settings.log_level,
-        backlog=4096,
+        **uvicorn_options(settings),
     )
 
 

@@ -7,10 +7,13 @@ Hierarchy::
     │   ├── InvalidTarget         400: not a path under the upstream's base (meter.target)
     │   ├── InvalidCredentials    400: several credentials, or a virtual key outside Authorization
     │   ├── InvalidHeader         400: a header value that is not UTF-8
-    │   ├── RequestTimeout        408: the client stopped sending its body
-    │   └── RequestTooLarge       413
+    │   ├── MalformedRequest      400: not an HTTP/1.1 request meter can parse (the serving edge)
+    │   ├── RequestTimeout        408: the head (serving edge) or the body (forward path) stopped
+    │   ├── RequestTooLarge       413
+    │   └── RequestHeadTooLarge   431: request line and headers past their size or count (the serving edge)
     ├── AuthenticationError       401 (virtual keys, admin API)
     ├── PermissionDenied          403
+    ├── TooManyConnections        503: the process holds its maximum of client connections (the serving edge)
     └── UpstreamError             5xx: meter could not complete the exchange with the upstream
         ├── UpstreamUnreachable   502: connection refused / DNS / TLS / reset before a response
         ├── UpstreamProtocolError 502: the upstream answered something that is not HTTP
@@ -19,7 +22,8 @@ Hierarchy::
                                   plain-text 500)
 
 Error *responses* of the upstream are not exceptions: they pass through unchanged. Third-party
-exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward`.
+exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward`. The serving edge's
+errors (:mod:`meter.http_guard`) are answered by the HTTP protocol itself, before any ASGI request exists.
 """
 
 from __future__ import annotations
@@ -68,6 +72,15 @@ class RequestTooLarge(RequestError):
     code = "request_too_large"
 
 
+class MalformedRequest(RequestError):
+    code = "malformed_request"
+
+
+class RequestHeadTooLarge(RequestError):
+    status_code = 431
+    code = "request_header_fields_too_large"
+
+
 class AuthenticationError(MeterError):
     status_code = 401
     error_type = "authentication_error"
@@ -78,6 +91,12 @@ class PermissionDenied(MeterError):
     status_code = 403
     error_type = "permission_error"
     code = "forbidden"
+
+
+class TooManyConnections(MeterError):
+    status_code = 503
+    error_type = "api_error"
+    code = "too_many_connections"
 
 
 class UpstreamError(MeterError):

@@ -41,6 +41,13 @@ class Settings:
     max_request_bytes: int = 32 * 1024 * 1024
     client_body_timeout: float = 60.0  # seconds between two reads of a request body (then 408)
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
+    # Client connections, per serving process (meter.serving; defaults after nginx's, reasons in README).
+    max_request_head_bytes: int = 32 * 1024  # request line + header lines; then 431
+    max_request_headers: int = 100  # header fields in one request; then 431
+    client_header_timeout: float = 60.0  # seconds for a whole request head; then 408 (or a plain close)
+    client_keepalive_timeout: float = 75.0  # seconds an idle kept-alive connection stays open
+    client_send_timeout: float = 60.0  # seconds a client may leave meter's full write buffer unread
+    max_client_connections: int = 1024  # open client connections; beyond them a new one gets 503
     server: str = "uvicorn"  # "uvicorn" or "granian"
     log_level: str = "info"
     log_format: str = "auto"  # "json", "text", or "auto": text on a terminal, JSON otherwise
@@ -206,6 +213,12 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
     "METER_CLIENT_BODY_TIMEOUT": ("client_body_timeout", _positive_float),
     "METER_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),
+    "METER_MAX_REQUEST_HEAD_BYTES": ("max_request_head_bytes", _positive_int),
+    "METER_MAX_REQUEST_HEADERS": ("max_request_headers", _positive_int),
+    "METER_CLIENT_HEADER_TIMEOUT": ("client_header_timeout", _positive_float),
+    "METER_CLIENT_KEEPALIVE_TIMEOUT": ("client_keepalive_timeout", _positive_float),
+    "METER_CLIENT_SEND_TIMEOUT": ("client_send_timeout", _positive_float),
+    "METER_MAX_CLIENT_CONNECTIONS": ("max_client_connections", _positive_int),
     "METER_SERVER": ("server", _choice("uvicorn", "granian")),
     "METER_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "METER_LOG_FORMAT": ("log_format", _choice("auto", "json", "text")),

@@ -111,7 +111,8 @@ def start_meter(tmp_path: Path) -> Iterator[Callable[..., MeterHandle]]:
             environ = {"METER_DATABASE_URL": f"sqlite:///{db_path}", "METER_UPSTREAM_URL": upstream_url}
             settings = load_settings(environ, **overrides)
             app = create_app(settings, registry=CollectorRegistry())
-            server = stack.enter_context(serve_in_thread(app, lifespan="on"))
+            # served as `meter serve` serves it: meter's HTTP protocol with its connection limits
+            server = stack.enter_context(serve_in_thread(app, lifespan="on", settings=settings))
             return MeterHandle(server, app, db_path, journaled(app))
 
         yield start

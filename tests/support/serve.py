@@ -1,5 +1,10 @@
 """Run a real ASGI app on a loopback socket in a background thread, for tests that need real
-streaming, client disconnects and back-pressure (TestClient and ASGITransport buffer bodies)."""
+streaming, client disconnects and back-pressure (TestClient and ASGITransport buffer bodies).
+
+Given ``settings``, the server runs as ``meter serve`` runs it (:func:`meter.serving.uvicorn_options`:
+meter's HTTP protocol with its connection limits, on uvloop); without, uvicorn's own httptools protocol
+on asyncio.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import uvicorn
+
+from meter.serving import uvicorn_options
+from meter.settings import Settings
 
 
 @dataclass
@@ -25,16 +33,12 @@ class RunningServer:
 
 
 @contextmanager
-def serve_in_thread(app: Any, *, lifespan: str = "auto", timeout: float = 10.0) -> Iterator[RunningServer]:
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=0,
-        lifespan=lifespan,
-        log_level="warning",
-        loop="asyncio",
-        http="httptools",
-    )
+def serve_in_thread(
+    app: Any, *, lifespan: str = "auto", timeout: float = 10.0, settings: Settings | None = None
+) -> Iterator[RunningServer]:
+    options = {"loop": "asyncio", "http": "httptools"} if settings is None else uvicorn_options(settings)
+    options.update(lifespan=lifespan, log_level="warning")
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, **options)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-server", daemon=True)
     thread.start()
