@@ -45,6 +45,7 @@ from meter.proxy import Proxy
 from meter.quota.runtime import Quotas
 from meter.records import UsageRecord
 from meter.requestlog import RequestLog, resolve_format
+from meter.serving import REFUSALS_STATE_KEY
 from meter.settings import Settings
 from meter.tenancy.runtime import Tenancy, config_from_settings
 
@@ -108,6 +109,9 @@ class MeterApp:
         self._endpoint_label = runtime.metrics.endpoint_label
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan" and "state" in scope:
+            # the server's connections count their refusals here (meter.http_guard)
+            scope["state"][REFUSALS_STATE_KEY] = self.runtime.metrics.connection_refused
         if scope["type"] != "http" or is_own_path(scope["path"]):
             await self.litestar(scope, receive, send)  # type: ignore[arg-type]
             return

@@ -25,7 +25,10 @@ Rule 7 (slow readers): a client that leaves a response unread, so that meter's w
         sees the client gone, as after any disconnect, and lets the upstream go. Without it, such a
         client held its connection, the response and an upstream connection for as long as it liked.
 
-Refusals are written in the OpenAI error shape (:mod:`meter.errors`) with ``connection: close``. The
+Refusals are written in the OpenAI error shape (:mod:`meter.errors`) with ``connection: close``, and
+counted by reason through the callable the application leaves in the ASGI lifespan state under
+:data:`meter.serving.REFUSALS_STATE_KEY` (``meter_connection_refusals_total``; no request exists to
+record them as usage). The
 connection then parses nothing more, half-closes, and discards what the client still sends for up to
 ``LINGER`` seconds: a socket closed with unread input sends a reset, which can destroy the answer before
 the client reads it. At most ``MAX_LINGERING`` connections of a process linger at once; past that a
@@ -56,13 +59,20 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from meter.errors import MalformedRequest, MeterError, RequestHeadTooLarge, RequestTimeout, TooManyConnections
-from meter.serving import ConnectionLimits
+from meter.serving import REFUSALS_STATE_KEY, ConnectionLimits
 
 log = logging.getLogger("meter.serving")
 
 LINGER = 2.0  # seconds a closing connection reads (and discards) after its last answer
 MAX_LINGERING = 256  # closing connections lingering at once, per process
 _WARN_EVERY = 10.0  # seconds between two warnings that the connection limit refused someone
+_REASONS: dict[type[MeterError] | None, str] = {
+    TooManyConnections: "too_many_connections",
+    RequestHeadTooLarge: "head_too_large",
+    RequestTimeout: "head_timeout",
+    MalformedRequest: "malformed",
+    None: "head_timeout",  # a connection that sent nothing before the head deadline
+}
 
 
 class ConnectionGuard:
@@ -239,6 +249,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def _send_timed_out(self) -> None:
         self._send_timer = None
         log.debug("aborting a client connection that read nothing for %g seconds", self._send_timeout)
+        self._count("send_timeout")
         self.transport.abort()  # close() would wait for the buffer to drain: for ever
 
     # Parser callbacks
@@ -305,6 +316,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusing = True
         self._cancel_head_timer()
         self._unset_keepalive_if_required()
+        self._count(_REASONS.get(None if error is None else type(error), "malformed"))
         if error is not None:
             log.debug("refusing a client connection: %d %s", error.status_code, error.code)
         cycle = self.cycle
@@ -316,6 +328,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.transport.write(answer(error, *headers))
         self._linger()
+
+    def _count(self, reason: str) -> None:
+        count = self.app_state.get(REFUSALS_STATE_KEY)
+        if count is not None:
+            count(reason)
 
     def _linger(self) -> None:
         """Close after what was written, without a reset: half-close, then discard input until the client

@@ -41,6 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from meter import __version__
 from meter.records import Outcome, UsageRecord, UsageSource
+from meter.serving import REFUSAL_REASONS
 
 KNOWN_ENDPOINTS = frozenset(
     {
@@ -235,6 +236,14 @@ class ProxyMetrics:
             ["label"],
             registry=registry,
         )
+        self.connection_refusals = Counter(
+            "meter_connection_refusals",
+            "Client connections meter's HTTP server refused or cut before a request existed (no usage "
+            "record is possible): too_many_connections, head_too_large, head_timeout, malformed, "
+            "send_timeout.",
+            ["reason"],
+            registry=registry,
+        )
         self.telemetry_drops = Counter(
             "meter_telemetry_dropped",
             "Telemetry items dropped (spans, log lines): a full queue or a failed export. Usage records "
@@ -256,6 +265,8 @@ class ProxyMetrics:
             self.observe_errors.labels(kind)
         for signal, reason in TELEMETRY_DROPS:
             self.telemetry_drops.labels(signal, reason)
+        for reason in REFUSAL_REASONS:
+            self.connection_refusals.labels(reason)
         for path in KNOWN_ENDPOINTS:
             self.inflight.labels(path)
         self.label_overflow.labels("model")
@@ -273,6 +284,9 @@ class ProxyMetrics:
         if label == OTHER and team != OTHER:
             self.label_overflow.labels("team").inc()
         return label
+
+    def connection_refused(self, reason: str) -> None:
+        self.connection_refusals.labels(reason).inc()
 
     def observe_error(self, kind: str) -> None:
         self.observe_errors.labels(kind).inc()

@@ -25,6 +25,17 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("meter.serving")
 
+# The ASGI lifespan state key under which the application leaves a ``count(reason)`` callable for the
+# connections' refusals (meter.http_guard; meter.metrics exports them).
+REFUSALS_STATE_KEY = "meter.connection_refusals"
+REFUSAL_REASONS = (
+    "too_many_connections",
+    "head_too_large",
+    "head_timeout",
+    "malformed",
+    "send_timeout",
+)
+
 # File descriptors a serving process needs besides client and upstream connections: listening socket,
 # database, Redis, journal segments, log files, the event loop's own.
 _OTHER_FILES = 128

@@ -12,6 +12,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import httpx
 import openai
 import pytest
 from prometheus_client import CollectorRegistry
@@ -315,8 +316,9 @@ def test_a_client_that_stops_reading_a_stream_loses_its_connection(edge):
 def test_a_slow_but_steady_reader_gets_the_whole_stream(edge):
     """The send timeout is for a buffer that stays full, not for a stream that takes long: a reader that
     pauses now and then fills meter's buffer (20,000 chunks are ~5 MB, past the kernel's send buffer)
-    and drains it again, and gets everything."""
-    server = edge(client_send_timeout=1.0)
+    and drains it again, and gets everything (with a deadline well above its pauses, so that a loaded
+    machine slowing the reader down does not cut it)."""
+    server = edge(client_send_timeout=5.0)
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="fw-edge-key-0001", max_retries=0)
     stream = client.chat.completions.create(
         model="m", messages=[{"role": "user", "content": "hi"}], max_tokens=20_000, stream=True
@@ -380,6 +382,36 @@ def test_a_malformed_request_is_answered_400_in_the_openai_shape(edge):
     client.send(b"NOT HTTP AT ALL\r\n\r\n")
     answer = client.response()
     assert answer.status == 400 and answer.error()["code"] == "malformed_request"
+
+
+def test_refusals_are_counted_by_reason_on_metrics(edge):
+    """No usage record can exist for a request that never completed its head: /metrics counts them."""
+    server = edge(max_request_head_bytes=4096, client_header_timeout=0.3)
+    oversized = wire(server)
+    oversized.send(request("/v1/models", KEY, b"x-padding: " + b"a" * 5000))
+    assert oversized.response().status == 431
+    malformed = wire(server)
+    malformed.send(b"NOT HTTP AT ALL\r\n\r\n")
+    assert malformed.response().status == 400
+    silent = wire(server)
+    assert silent.closed() == b""  # closed at the head deadline
+
+    def counts() -> dict[str, float]:
+        text = httpx.get(f"{server.url}/metrics").text
+        return {
+            line.split('"')[1]: float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("meter_connection_refusals_total{")
+        }
+
+    wait_for(lambda: counts()["head_timeout"] >= 1, message="the silent connection's refusal counted")
+    assert counts() == {
+        "too_many_connections": 0,
+        "head_too_large": 1,
+        "head_timeout": 1,
+        "malformed": 1,
+        "send_timeout": 0,
+    }
 
 
 # Settings

@@ -1,12 +1,15 @@
 """Request smuggling: ambiguous framing never makes meter forward a request the client hid in another
 one's body. meter reads each request body whole and sends the upstream a freshly framed request, so the
-upstream sees at most what meter itself parsed; ambiguous heads are refused by the HTTP server."""
+upstream sees at most what meter itself parsed; ambiguous heads are refused by the HTTP server
+(400 ``malformed_request``, meter.http_guard)."""
 
 from __future__ import annotations
 
 import socket
 
 import pytest
+
+from tests.security.rawhttp import parse_response
 
 SMUGGLED = b"GET /v1/smuggled HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -49,4 +52,5 @@ def test_ambiguous_framing_never_forwards_a_hidden_request(meter, simulator, hea
     )
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:100]  # refused by the HTTP server's parser
     assert answer.count(b"HTTP/1.1 ") == 1  # and the connection closed: nothing after it is read
+    assert parse_response(answer).error()["code"] == "malformed_request"
     assert list(simulator.sim.received) == []
