@@ -40,6 +40,7 @@ from meter.identity import KeyFingerprinter, load_key_secret
 from meter.journal import Journal, default_journal_root
 from meter.journal_sync import parse_fsync_policy
 from meter.metrics import ProxyMetrics, exposition_registry
+from meter.observe import DecodeBudget
 from meter.pipeline import Pipeline
 from meter.proxy import Proxy
 from meter.quota.runtime import Quotas
@@ -255,6 +256,7 @@ def create_app(
         max_request_bytes=settings.max_request_bytes,
         body_timeout=settings.client_body_timeout,
         on_observe_error=metrics.observe_error,
+        decode_budget=DecodeBudget(settings.observe_max_bytes, settings.observe_max_ratio),
         tracer=tracer,
         tenancy=tenancy,
         quota=quotas.admission,

@@ -14,6 +14,12 @@ Rule 3: both usage namings are read anywhere: chat/completions' ``prompt_tokens`
         and the Responses API's ``input_tokens``/``output_tokens`` (Fireworks mixes them).
 Rule 4: Fireworks counts cached tokens inside ``prompt_tokens``; they are kept as reported.
 Rule 5: every reader tolerates any JSON shape: unexpected types are skipped, never raised.
+Rule 6: what an upstream says is bounded before it is kept (its bytes are relayed unchanged): a token
+        count is a plain integer in [0, 2**53), else not reported (a float, a bool, -1 or 10**30 would
+        otherwise reach billing, or make the database refuse the record); ids, models, finish reasons
+        and error messages are cut to :mod:`meter.bounds`; at most ``MAX_CHOICES`` choices of a body or
+        chunk are read, and finish reasons are kept for at most that many choice indexes; at most
+        ``MAX_PERF_OBJECTS`` perf_metrics objects are read per response.
 
 Endpoints are recognised by path suffix, so ``/v1/chat/completions``, ``/chat/completions`` and
 ``/inference/v1/chat/completions`` are the same endpoint.
@@ -25,17 +31,28 @@ import enum
 from collections.abc import Mapping
 from typing import Any
 
+import orjson
+
+from meter import bounds
+from meter.bounds import cut
 from meter.fireworks_metrics import NO_METRICS, FireworksMetrics, perf_metrics
 from meter.records import Usage, first_known
 from meter.token_estimate import message_chars, output_chars, text_len
 
 __all__ = [
+    "MAX_CHOICES",
     "Endpoint",
     "ResponseFacts",
     "endpoint_of",
     "error_message",
+    "tail_members",
     "usage_from_json",
 ]
+
+MAX_CHOICES = 128  # choices read per body or chunk (OpenAI's largest ``n``), finish reasons kept
+MAX_PERF_OBJECTS = 16  # perf_metrics objects read per response (Fireworks sends one; n > 1: one a choice)
+MAX_COUNT = 2**53  # a token count at or above this is not a count (JSON's exact integers end there)
+_ID, _MODEL, _REASON = bounds.REQUEST_ID, bounds.MODEL, bounds.FINISH_REASONS
 
 
 class Endpoint(enum.Enum):
@@ -64,8 +81,8 @@ def endpoint_of(path: str) -> Endpoint:
 
 
 def _count(value: object) -> int | None:
-    """A token count: a non-negative JSON integer, else None (``bool`` is an ``int`` subclass: excluded)."""
-    return value if type(value) is int and value >= 0 else None
+    """A token count: a JSON integer in [0, 2**53), else None (``bool`` is an ``int`` subclass: excluded)."""
+    return value if type(value) is int and 0 <= value < MAX_COUNT else None
 
 
 def _detail(obj: Mapping[str, Any], *names: str) -> int | None:
@@ -109,18 +126,15 @@ def usage_from_json(obj: object) -> Usage | None:
 # --- errors ---------------------------------------------------------------------------------------
 
 
-_MAX_ERROR_CHARS = 500  # a record's ``error`` is a short reason, not the upstream's whole body
-
-
 def error_message(obj: Mapping[str, Any], *, error_body: bool = False) -> str | None:
     """The message of an ``{"error": ...}`` object (OpenAI, Fireworks, a Responses ``error`` event),
-    cut to 500 characters.
+    cut to ``meter.bounds.ERROR`` characters.
 
     With ``error_body`` (a non-2xx answer) the looser shapes ``{"detail": ...}`` and ``{"message": ...}``
     count too; in a successful body they could be ordinary fields.
     """
     message = _error_message(obj, error_body)
-    return message[:_MAX_ERROR_CHARS] if message is not None else None
+    return cut(message, bounds.ERROR) if message is not None else None
 
 
 def _error_message(obj: Mapping[str, Any], error_body: bool) -> str | None:
@@ -138,8 +152,44 @@ def _error_message(obj: Mapping[str, Any], error_body: bool) -> str | None:
             value = obj.get(key)
             if isinstance(value, str) and value:
                 return value
-        if error_body and obj.get("detail") is not None:
-            return str(obj.get("detail"))
+        detail = obj.get("detail")
+        if error_body and detail is not None:
+            # any JSON value; a large one is bounded by the body's own limits (meter.observe)
+            return str(detail)
+    return None
+
+
+# --- bodies too large to parse whole ----------------------------------------------------------------
+
+_TAIL_KEYS = (b'"model"', b'"usage"')
+_TAIL_TRIES = 2  # occurrences of each key tried, from the last
+
+
+def tail_members(tail: bytes) -> dict[str, Any] | None:
+    """The top-level members of a JSON object from its last ``"model"`` or ``"usage"`` member to its
+    end, read from the object's last bytes ``tail`` alone: what a body too large to parse whole still
+    says about usage (OpenAI and Fireworks put ``usage`` last; embeddings put ``model`` just before it).
+
+    A candidate key is taken only if ``{`` + the text from it to the end parses as one JSON object:
+    then the text closes exactly the object that held the key and nothing after it, which in a JSON
+    document is the top-level one (an unescaped ``"usage"`` followed by ``:`` cannot lie inside a
+    string). The earliest such key wins. At most four parses of ``tail``; None if none succeeds."""
+    starts: list[int] = []
+    for key in _TAIL_KEYS:
+        at = len(tail)
+        for _ in range(_TAIL_TRIES):
+            at = tail.rfind(key, 0, at)
+            if at < 0:
+                break
+            if tail[at + len(key) : at + len(key) + 64].lstrip()[:1] == b":":
+                starts.append(at)
+    for at in sorted(starts):
+        try:
+            obj = orjson.loads(b"{" + tail[at:])
+        except orjson.JSONDecodeError:
+            continue
+        if type(obj) is dict:
+            return obj
     return None
 
 
@@ -161,6 +211,7 @@ class ResponseFacts:
         "error_message",
         "finish_reasons",
         "metrics",
+        "perf_objects",
         "response_id",
         "response_model",
         "stream_error",
@@ -176,6 +227,7 @@ class ResponseFacts:
         self.stream_error = False
         self.content_chars = 0
         self.metrics: FireworksMetrics | None = None  # from perf_metrics objects, if any came
+        self.perf_objects = 0  # perf_metrics objects read (at most MAX_PERF_OBJECTS)
 
     def ordered_finish_reasons(self) -> tuple[str, ...]:
         return tuple(reason for _, reason in sorted(self.finish_reasons.items()))
@@ -198,6 +250,8 @@ class ResponseFacts:
         choices = obj.get("choices")
         if type(choices) is not list:
             return
+        if len(choices) > MAX_CHOICES:
+            choices = choices[:MAX_CHOICES]
         for choice in choices:
             if type(choice) is not dict:
                 continue
@@ -217,6 +271,8 @@ class ResponseFacts:
         n = 0
         choices = obj.get("choices")
         if type(choices) is list:
+            if len(choices) > MAX_CHOICES:
+                choices = choices[:MAX_CHOICES]
             for choice in choices:
                 if type(choice) is not dict:
                     continue
@@ -263,6 +319,8 @@ class ResponseFacts:
             self._response(response, streamed=True)
         elif kind == "error" or "error" in obj:
             message = error_message(obj)
+            if message is None and kind == "error":
+                message = "error"  # an error event of an odd shape is still one
             if message is not None:
                 self.error_message = message
                 self.stream_error = True
@@ -274,11 +332,11 @@ class ResponseFacts:
         if self.response_id is None:
             value = obj.get("id")
             if type(value) is str and value:
-                self.response_id = value
+                self.response_id = value if len(value) <= _ID else cut(value, _ID)
         if self.response_model is None:
             value = obj.get("model")
             if type(value) is str and value:
-                self.response_model = value
+                self.response_model = value if len(value) <= _MODEL else cut(value, _MODEL)
 
     def _usage(self, obj: object) -> None:
         usage = usage_from_json(obj)
@@ -286,6 +344,9 @@ class ResponseFacts:
             self.usage = usage
 
     def _perf(self, obj: object) -> None:
+        if self.perf_objects >= MAX_PERF_OBJECTS:
+            return  # Rule 6: an upstream sending one in every chunk costs no more than this
+        self.perf_objects += 1
         metrics = perf_metrics(obj)
         if metrics is not NO_METRICS:
             self.metrics = metrics if self.metrics is None else metrics.over(self.metrics)
@@ -295,7 +356,12 @@ class ResponseFacts:
         if type(reason) is not str or not reason:
             return
         index = choice.get("index", 0)
-        self.finish_reasons[index if type(index) is int else 0] = reason
+        if type(index) is not int:
+            index = 0
+        reasons = self.finish_reasons
+        if len(reasons) >= MAX_CHOICES and index not in reasons:
+            return
+        reasons[index] = reason if len(reason) <= _REASON else cut(reason, _REASON)
 
     def _response(self, obj: Mapping[str, Any], *, streamed: bool) -> None:
         """A Responses API ``response`` object: a body, or the one in response.created/completed/..."""
@@ -307,7 +373,7 @@ class ResponseFacts:
             # An incomplete response's reason ("max_output_tokens") says what "length" says in chat.
             details = obj.get("incomplete_details")
             reason = details.get("reason") if type(details) is dict else None
-            self.finish_reasons[0] = reason if type(reason) is str and reason else status
+            self.finish_reasons[0] = cut(reason, _REASON) if type(reason) is str and reason else status
         err = obj.get("error")
         if err is not None:
             message = error_message(obj)

@@ -13,10 +13,21 @@ Rule 2: a response not read to the end is closed with its connection (``close(ab
         upstream generating for a client that left stops at once instead of filling a pooled socket.
 Rule 3: third-party exceptions are mapped here to :mod:`meter.errors`; nothing above this module
         knows which client is in use.
+Rule 4 (the upstream may be hostile): a response head is bounded as nginx bounds one: a status line
+        or header field over 8190 bytes, or more than 128 header fields, is refused
+        (:class:`~meter.errors.UpstreamProtocolError`, 502) with either client: aiohttp's parser
+        enforces them; with httpx, h11 refuses only a head over httpcore's 100 KiB, so the same
+        limits are checked here once the head is in (h11 has parsed it by then: ~30 ms for 14,000
+        one-byte fields on a slow machine; aiohttp's C parser stops at the 129th). A body
+        is handed on in chunks of at most 64 KiB: a larger read is sliced, and the event loop runs
+        its other tasks between slices, so that the proxy's work on one chunk (relaying it, and
+        meter.observe's bounded step) is bounded whatever one read of the socket held.
 """
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -53,9 +64,41 @@ class Upstream(Protocol):
     async def aclose(self) -> None: ...
 
 
+MAX_LINE = 8190  # bytes of the status line (aiohttp's default, nginx's large header buffer)
+MAX_FIELD = 8190  # bytes of one header field
+MAX_HEADERS = 128  # header fields of a response head
+MAX_CHUNK = 64 * 1024  # bytes of a body chunk handed on (Rule 4)
+
+
 def _describe(exc: BaseException) -> str:
     text = str(exc) or type(exc).__name__
     return text if len(text) < 300 else text[:297] + "..."
+
+
+def _too_many_headers(count: int) -> UpstreamProtocolError:
+    return UpstreamProtocolError(
+        f"upstream sent an invalid HTTP response: {count} header fields, more than {MAX_HEADERS}"
+    )
+
+
+def _httpx_head_problem(response: httpx.Response) -> str | None:
+    """What is wrong with a head httpx accepted, by aiohttp's limits (Rule 4), or None."""
+    raw = response.headers.raw
+    if len(raw) > MAX_HEADERS:
+        return f"{len(raw)} header fields, more than {MAX_HEADERS}"
+    if any(len(name) + len(value) + 2 > MAX_FIELD for name, value in raw):
+        return f"a header field over {MAX_FIELD} bytes"
+    if len(response.extensions.get("reason_phrase", b"")) + 13 > MAX_LINE:
+        return f"a status line over {MAX_LINE} bytes"
+    return None
+
+
+async def _sliced(chunk: bytes) -> AsyncIterator[bytes]:
+    """``chunk`` in pieces of at most MAX_CHUNK bytes, letting the event loop run between them."""
+    for start in range(0, len(chunk), MAX_CHUNK):
+        if start:
+            await asyncio.sleep(0)
+        yield chunk[start : start + MAX_CHUNK]
 
 
 # aiohttp ---------------------------------------------------------------------------------------
@@ -74,7 +117,11 @@ class _AiohttpResponse:
     async def chunks(self) -> AsyncIterator[bytes]:
         try:
             async for chunk in self._response.content.iter_any():
-                yield chunk
+                if len(chunk) <= MAX_CHUNK:
+                    yield chunk
+                else:
+                    async for piece in _sliced(chunk):
+                        yield piece
         except (TimeoutError, aiohttp.ServerTimeoutError) as exc:
             raise UpstreamTimeout(f"upstream stopped sending mid-response: {_describe(exc)}") from exc
         except aiohttp.ClientError as exc:
@@ -85,6 +132,12 @@ class _AiohttpResponse:
             self._response.close()
         else:
             self._response.release()
+
+
+# aiohttp counts header fields from 3.13 on (and refuses more than 128 by default); older ones do not
+_AIOHTTP_LIMITS: dict[str, int] = {"max_line_size": MAX_LINE, "max_field_size": MAX_FIELD}
+if "max_headers" in inspect.signature(aiohttp.ClientSession).parameters:
+    _AIOHTTP_LIMITS["max_headers"] = MAX_HEADERS
 
 
 class AiohttpUpstream:
@@ -101,6 +154,7 @@ class AiohttpUpstream:
             auto_decompress=False,
             skip_auto_headers=_SKIP_AUTO_HEADERS,
             cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must not keep one client's cookies for the next
+            **_AIOHTTP_LIMITS,  # type: ignore[arg-type]
         )
 
     async def send(
@@ -121,6 +175,9 @@ class AiohttpUpstream:
             raise UpstreamProtocolError(f"upstream sent an invalid HTTP response: {_describe(exc)}") from exc
         except aiohttp.ClientError as exc:
             raise UpstreamUnreachable(f"cannot reach upstream: {_describe(exc)}") from exc
+        if len(response.raw_headers) > MAX_HEADERS:  # an aiohttp that does not count them (Rule 4)
+            response.close()
+            raise _too_many_headers(len(response.raw_headers))
         return _AiohttpResponse(response)
 
     async def aclose(self) -> None:
@@ -144,7 +201,11 @@ class _HttpxResponse:
 
         try:
             async for chunk in self._response.aiter_raw():
-                yield chunk
+                if len(chunk) <= MAX_CHUNK:
+                    yield chunk
+                else:  # the httpx-aiohttp transport hands on whole reads
+                    async for piece in _sliced(chunk):
+                        yield piece
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout(f"upstream stopped sending mid-response: {_describe(exc)}") from exc
         except httpx.HTTPError as exc:
@@ -203,6 +264,10 @@ class HttpxUpstream:
             raise UpstreamProtocolError(f"upstream sent an invalid HTTP response: {_describe(exc)}") from exc
         except httpx.HTTPError as exc:
             raise UpstreamUnreachable(f"cannot reach upstream: {_describe(exc)}") from exc
+        problem = _httpx_head_problem(response)
+        if problem is not None:  # h11 bounds only the head's whole size (Rule 4)
+            await response.aclose()
+            raise UpstreamProtocolError(f"upstream sent an invalid HTTP response: {problem}")
         return _HttpxResponse(response)
 
     async def aclose(self) -> None:

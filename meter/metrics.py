@@ -57,7 +57,7 @@ KNOWN_ENDPOINTS = frozenset(
 )
 OTHER = "other"
 UNASSIGNED = "unassigned"
-OBSERVE_ERROR_KINDS = ("json", "encoding", "internal", "body_too_large")  # see meter.observe
+OBSERVE_ERROR_KINDS = ("json", "encoding", "internal", "body_too_large", "decode_budget")  # meter.observe
 TELEMETRY_DROPS = (("spans", "queue_full"), ("spans", "export_failed"), ("logs", "queue_full"))
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # read by prometheus-client itself, at import
 

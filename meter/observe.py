@@ -6,14 +6,17 @@ that into an :class:`Observation`. It never touches the bytes the client gets.
 
 Rule 1: ``feed`` and ``finish`` never raise. A chunk that cannot be parsed is reported to ``on_error``
         with a kind and skipped: "json" (a payload or body that is not a JSON object), "encoding" (an
-        unsupported or corrupt content-encoding), "body_too_large" (over ``max_body_bytes``), "internal"
-        (a bug here). After any but "json" the body is no longer read and the answer falls back to what
-        the headers (and anything read before) said. (The SSE decoder itself cannot fail: it replaces
+        unsupported or corrupt content-encoding), "body_too_large" (an event, or a body without a
+        readable tail, too large to parse: see Rule 6), "decode_budget" (past the budget: Rule 6),
+        "internal" (a bug here). After "encoding", "decode_budget", "internal", and "body_too_large"
+        for an event that never ends, the body is no longer read and the answer falls back to what the
+        headers (and anything read before) said. (The SSE decoder itself cannot fail: it replaces
         invalid UTF-8, as the spec says.)
 Rule 2: the framing comes from the headers: ``text/event-stream`` is decoded incrementally as SSE;
         JSON (or an unlabelled / ``text/*`` body) is buffered up to ``max_body_bytes`` and parsed once
-        at ``finish``; anything else (audio, images) is not read. ``gzip``/``deflate`` bodies are
-        inflated into a copy; other encodings (br, zstd) are not read.
+        at ``finish`` (past that, only its last bytes are kept: Rule 6); anything else (audio, images)
+        is not read. ``gzip``/``deflate`` bodies are inflated into a copy; other encodings (br, zstd)
+        are not read.
 Rule 3: where the counts came from (``UsageSource``):
         REPORTED  - the body or stream reported usage (header prompt/cached counts fill fields it
                     lacks), or it reported none but ``fireworks-prompt-tokens`` came and no content
@@ -27,6 +30,39 @@ Rule 4: usage is cumulative, so the latest usage object wins (``n > 1`` streams 
 Rule 5: ``first_content_at`` is the ``now`` of the first ``feed`` whose chunk completed an event with
         non-empty generated text (content, reasoning or tool arguments): meter's time to first token.
         Only streams have it.
+
+Rule 6 (the budget; the upstream may be hostile): what the observer inflates and parses is bounded
+        per response, and the work of any one ``feed`` or ``finish`` is bounded whatever the bytes:
+        * per response (:class:`DecodeBudget`, settings ``METER_OBSERVE_MAX_BYTES`` and
+          ``METER_OBSERVE_MAX_RATIO``): at most ``max_bytes`` bytes inflated, and as many of a body,
+          or of a stream decoded the long way (the template fast path, which reads one string per
+          event, is not counted: a real stream that long still has its usage read); and no more
+          than ``max_ratio`` inflated bytes per encoded byte fed (beyond the first MiB, which any
+          body may use). Past either: "decode_budget", and the body is no longer read;
+        * per step: one ``feed`` inflates at most 128 KiB of input into at most 64 KiB (an event
+          stream) or 1 MiB (a body) (urllib3's ``max_length`` and ``unconsumed_tail`` shape); the rest
+          of the input waits for the next steps, and ``finish`` takes one more. An event stream with
+          more than 16 KiB of input waiting (it arrives faster than it can be parsed at a step a
+          read) is skimmed: inflated a body's step at a time but not parsed, and only its last 8 KiB,
+          where usage is, parsed at the end ("decode_budget", reported once; the content it skipped
+          is not counted). More than 256 KiB of input waiting, or more than a step left at
+          ``finish``, is "decode_budget" and the end of reading;
+        * an event stream's step may hold at most one line end per 32 bytes (2048 in 64 KiB) and one
+          event per 128 bytes (512 in 64 KiB; each costs a parse): a real event is ~150-300 bytes in
+          2-3 lines, so floods of blank lines, comments, one-byte fields or tiny events are
+          "decode_budget";
+        * one event (or a body) is parsed whole only up to ``max_body_bytes`` (1 MiB) and, past 16 KiB,
+          only if it holds at most 8192 JSON values (counted as ``{``, ``[`` and ``,``: orjson builds
+          ~20 M tiny containers a second, so 1 MiB of ``[[],[],...]`` would take ~25 ms). An event
+          over either is skipped ("body_too_large"); an event still growing past ``max_body_bytes``
+          (or past 4096 ``data`` lines) stops the reading ("body_too_large"). A body over either is
+          read from its last 8 KiB (:func:`meter.extract.tail_members`): its top-level ``usage`` (and
+          ``model`` when it is there) still counts, which is where OpenAI and Fireworks put them;
+          its id, finish reasons and content do not. Only that tail is kept in memory.
+        These bounds assume chunks of at most 64 KiB, which is what meter.forward hands out. With them
+        no step took over ~3 ms on the 2-core machine of the measurements in the commit that added
+        them, for any hostile body tried (the worst: a 1 MiB event of non-ASCII text, parsed whole);
+        without them one step of a 64 KiB gzip bomb took 2.4 s.
 
 Cost per streamed chunk: one scan of the new bytes for line ends, one ``orjson.loads`` per ``data:``
 payload, a few dict lookups. Buffered data is never re-scanned.
@@ -56,19 +92,52 @@ from dataclasses import dataclass, field
 
 import orjson
 
+from meter import bounds
+from meter.bounds import cut
 from meter.chunk_templates import chunk_template, delta_template
-from meter.extract import Endpoint, ResponseFacts, endpoint_of
+from meter.extract import Endpoint, ResponseFacts, endpoint_of, tail_members
 from meter.fireworks_metrics import fireworks_metrics
 from meter.records import Usage, UsageSource, first_known
 from meter.sse import SSEDecoder, SSEEvent
 from meter.token_estimate import chars_to_tokens
 
-__all__ = ["Observation", "ResponseObserver"]
+__all__ = ["DecodeBudget", "Observation", "ResponseObserver"]
 
-_INFLATE_STEP = 1 << 20  # inflate at most this much per call, so a small "zip bomb" chunk cannot balloon
+# Rule 6's per-step bounds. Not settings: they bound how long one step holds the event loop, and a
+# real response never comes near them.
+_SLICE = 64 * 1024  # inflated bytes handed on at a time
+_SSE_STEP = 64 * 1024  # inflated bytes of an event stream one feed()/finish() reads at most
+_BODY_STEP = 1 << 20  # inflated bytes of a body one feed()/finish() reads at most
+_STEP_INPUT = 128 * 1024  # encoded bytes one feed()/finish() inflates at most (~4-8 ns a byte if it
+# does not compress: a body's step is bounded by its input as much as by its output)
+_SKIM_AFTER = 16 * 1024  # encoded bytes waiting for later steps before a stream is skimmed
+_BACKLOG = 256 * 1024  # encoded bytes that may wait for later steps at most
+_RATIO_FREE = 1 << 20  # decoded bytes any body may use whatever its ratio (a small body compresses well)
+_STEP_LINES = 2048  # lines a step may complete, or one per 32 bytes if more (meter.sse, Rule 6)
+_STEP_EVENTS = 512  # events a step may hold, or one per 128 bytes if more
+_EVENT_LINES = 4096  # data lines of one event
+_BIG = 16 * 1024  # a payload longer than this has its JSON values counted before it is parsed
+_MAX_VALUES = 8192  # ... and is parsed only if it holds at most this many
+_TAIL = 8 * 1024  # the last bytes of a body too large to parse whole that are kept and read
+_NOT_VALUE_MARKS = bytes(c for c in range(256) if c not in b"{[,")  # for bytes.translate
 _TEMPLATE_TRIES = 3  # templates learnt per stream at most (a stream whose chunks all differ stops trying)
 _APART_EVENTS = 8  # events of one read taken one at a time before the rest goes at once (a Responses
 # stream opens with four events that carry no text; see _take_events_apart)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeBudget:
+    """What the observer reads of one response at most (Rule 6): ``max_bytes`` decoded (inflated, or
+    as received) bytes, and decoded bytes no more than ``max_ratio`` times the encoded bytes fed, past
+    the first MiB. The defaults leave room for real traffic: a 10-minute stream at ~100 tokens/s is
+    ~18 MB, an embeddings body tens of MB; gzip of JSON or SSE is ~3-25x (a stream compressed per
+    event stays near 20x), a deflate bomb ~1000x."""
+
+    max_bytes: int = 64 * 1024 * 1024
+    max_ratio: int = 100
+
+
+_DEFAULT_BUDGET = DecodeBudget()
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +205,19 @@ def _mode_of(content_type: str) -> _Mode:
     return _Mode.IGNORE
 
 
+def _values(data: bytes) -> int:
+    """An upper bound of the JSON values in ``data`` (its ``{``, ``[`` and ``,`` bytes): C speed."""
+    return len(data.translate(None, _NOT_VALUE_MARKS))
+
+
+def _finish_reasons(reasons: tuple[str, ...]) -> tuple[str, ...]:
+    """The reasons, or, if they would join to more than ``bounds.FINISH_REASONS`` characters, their
+    join cut to that (a record keeps them comma-joined)."""
+    if sum(map(len, reasons)) + len(reasons) <= bounds.FINISH_REASONS + 1:
+        return reasons
+    return (cut(",".join(reasons), bounds.FINISH_REASONS),)
+
+
 def _inflater(content_encoding: str) -> tuple[bool, zlib._Decompress | None, bool]:
     """(understood, decompressor or None for identity, is_deflate)."""
     if not content_encoding:
@@ -164,20 +246,29 @@ class ResponseObserver:
         "_done",
         "_endpoint",
         "_facts",
+        "_fed",
         "_first_content_at",
         "_header_metrics",
         "_inflater",
         "_json_labelled",
         "_last_now",
         "_max_body_bytes",
+        "_max_bytes",
+        "_max_ratio",
         "_mode",
+        "_object",
         "_on_error",
+        "_parsed",
         "_prompt_tokens_estimate",
+        "_read",
         "_responses_stream",
         "_status_code",
+        "_step",
         "_streamed",
+        "_tail",
         "_template",
         "_template_tries",
+        "_waiting",
     )
 
     def __init__(
@@ -188,8 +279,10 @@ class ResponseObserver:
         headers: Mapping[str, str],  # upstream response headers, names lower-cased
         prompt_tokens_estimate: int | None = None,
         on_error: Callable[[str], None] | None = None,
-        max_body_bytes: int = 16 * 1024 * 1024,
+        max_body_bytes: int = 1 << 20,
+        budget: DecodeBudget = _DEFAULT_BUDGET,
     ) -> None:
+        """``max_body_bytes``: the largest body or event parsed whole (Rule 6)."""
         self._endpoint = endpoint_of(endpoint)
         self._status_code = status_code
         # Read what we need now: the caller's mapping may change after we return.
@@ -197,11 +290,15 @@ class ResponseObserver:
         self._prompt_tokens_estimate = prompt_tokens_estimate
         self._on_error = on_error
         self._max_body_bytes = max_body_bytes
+        self._max_bytes = budget.max_bytes
+        self._max_ratio = budget.max_ratio
+        self._parsed = 0  # stream bytes decoded the long way (Rule 6)
         self._facts = ResponseFacts()
         self._first_content_at: float | None = None
         self._last_now: float | None = None
         self._body: list[bytes] = []
         self._body_len = 0
+        self._tail: bytearray | None = None  # a body past max_body_bytes (or skimmed): its last bytes
         self._decoder: SSEDecoder | None = None
         self._inflater: zlib._Decompress | None = None
         self._deflate_head: bytearray | None = None  # deflate input until the first output (see _inflate)
@@ -216,7 +313,7 @@ class ResponseObserver:
         self._template_tries = _TEMPLATE_TRIES if self._FAST else 0
         self._apart = True  # reads of several events may be taken apart (see _take_events_apart)
         if self._streamed:
-            self._decoder = SSEDecoder()
+            self._decoder = SSEDecoder(max_lines=_STEP_LINES)
         try:
             understood, inflater, deflate = _inflater(headers.get("content-encoding", ""))
         except zlib.error:  # pragma: no cover - zlib refusing valid parameters
@@ -224,6 +321,11 @@ class ResponseObserver:
         if not understood:
             self._stop("encoding")
         self._inflater = inflater
+        if inflater is not None:  # what only inflating needs (Rule 6)
+            self._step = _SSE_STEP if self._streamed else _BODY_STEP
+            self._read = 0  # inflated bytes
+            self._fed = 0  # encoded bytes fed to the inflater
+            self._waiting = b""  # encoded bytes left for the next steps
         if deflate:
             self._deflate_head = bytearray()
 
@@ -287,20 +389,43 @@ class ResponseObserver:
                 data = b""  # one event that says nothing (and leaves the decoder as it is)
                 self._done = True
             if data:
+                # Rule 6: what the fast paths above took is not counted: they read only a string
+                parsed = self._parsed = self._parsed + len(data)
                 events = decoder.feed(data)
+                if (
+                    decoder.overflowed
+                    or parsed > self._max_bytes
+                    or (len(events) > _STEP_EVENTS and len(events) > len(data) >> 7)
+                ):
+                    self._stop("decode_budget")  # too many lines, bytes or events (each a parse)
+                    return
                 self._at_boundary = self._FAST and decoder.at_boundary
                 if events:
                     chars += self._events(events)
             if chars and self._first_content_at is None:
                 self._first_content_at = now
-            if decoder.buffered_bytes > self._max_body_bytes:  # a "line" that never ends
-                self._stop("body_too_large")
+            if not self._at_boundary and (
+                decoder.pending_lines > _EVENT_LINES or decoder.pending_bytes > self._max_body_bytes
+            ):
+                self._stop("body_too_large")  # an event that never ends
         elif self._mode is _Mode.BODY:
             self._body_len += len(data)
-            if self._body_len > self._max_body_bytes:
-                self._stop("body_too_large")
-            else:
+            if self._body_len > self._max_bytes:
+                self._stop("decode_budget")
+                return
+            tail = self._tail
+            if tail is not None:
+                tail += data
+                if len(tail) > 2 * _TAIL:
+                    del tail[:-_TAIL]
+            elif self._body_len <= self._max_body_bytes:
                 self._body.append(data)
+            else:  # too large to parse whole: only its last bytes are kept from now on (Rule 6)
+                self._body.append(data)
+                body = b"".join(self._body)
+                self._body = []
+                self._object = body.lstrip()[:1] == b"{"
+                self._tail = bytearray(body[-_TAIL:])
 
     def _take_events_apart(self, data: bytes, now: float | None, cut: int) -> None:
         """A read of several events while a template may still be learnt (a fast upstream's whole
@@ -373,6 +498,12 @@ class ResponseObserver:
                 continue
             if not data or data.isspace():
                 continue
+            if len(data) > _BIG and (
+                len(data) > self._max_body_bytes
+                or data.count("{") + data.count("[") + data.count(",") > _MAX_VALUES
+            ):
+                self._report("body_too_large")  # Rule 6: skipped, the stream is read on
+                continue
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -402,13 +533,22 @@ class ResponseObserver:
         return chars
 
     def _inflate(self, chunk: bytes, now: float | None) -> None:
+        """One step (Rule 6): inflate at most ``_STEP_INPUT`` bytes of the input waiting from earlier
+        steps and ``chunk``, into at most ``self._step`` bytes; the rest waits for the next steps."""
         inflater = self._inflater
         assert inflater is not None
         head = self._deflate_head
         if head is not None:
             head += chunk
+        self._fed += len(chunk)
+        data = self._waiting + chunk if self._waiting else chunk
+        later = b""
+        if len(data) > _STEP_INPUT:
+            data, later = data[:_STEP_INPUT], data[_STEP_INPUT:]
+        step = self._step
+        size = min(step, _SLICE)
         try:
-            out = inflater.decompress(chunk, _INFLATE_STEP)
+            out = inflater.decompress(data, size)
         except zlib.error:
             if head is None:
                 self._stop("encoding")
@@ -416,33 +556,59 @@ class ResponseObserver:
             # "deflate" should be zlib-wrapped, but some servers send raw deflate: retry once as raw.
             self._deflate_head = None
             self._inflater = inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+            data, later = bytes(head[:_STEP_INPUT]), bytes(head[_STEP_INPUT:])
             try:
-                out = inflater.decompress(bytes(head), _INFLATE_STEP)
+                out = inflater.decompress(data, size)
             except zlib.error:
                 self._stop("encoding")
                 return
-        if out and head is not None:
-            self._deflate_head = None  # the format is settled
+        if head is not None and (out or len(head) > _SLICE):
+            self._deflate_head = None  # the format is settled (or the header is too long to retry)
+        done = 0
         while True:
             if out:
+                done += len(out)
+                read = self._read = self._read + len(out)
+                if read > self._max_bytes or read > self._max_ratio * self._fed + _RATIO_FREE:
+                    self._stop("decode_budget")
+                    return
                 self._take(out, now)
                 if self._mode is _Mode.IGNORE:
                     return
-            tail = inflater.unconsumed_tail
-            if not tail and len(out) < _INFLATE_STEP:
-                return
+            data = inflater.unconsumed_tail
+            if (not data and len(out) < size) or done >= step:
+                break  # this step's input is inflated, or its share of output is taken
+            size = min(step - done, _SLICE)
             try:
-                out = inflater.decompress(tail, _INFLATE_STEP)
+                out = inflater.decompress(data, size)
             except zlib.error:
                 self._stop("encoding")
                 return
+        waiting = self._waiting = data + later if later else data
+        if len(waiting) > _BACKLOG:
+            self._stop("decode_budget")  # the input comes faster than a step a read takes it
+        elif len(waiting) > _SKIM_AFTER and self._decoder is not None:
+            self._skim()
+
+    def _skim(self) -> None:
+        """An encoded event stream arriving faster than a step a read parses it (Rule 6): from now on
+        its bytes are inflated (a body's step at a time) but not parsed, and only its last bytes,
+        where usage is, are read at the end (:meth:`_read_stream_tail`)."""
+        self._report("decode_budget")
+        self._decoder = None
+        self._template = None
+        self._mode = _Mode.BODY
+        self._step = _BODY_STEP
+        self._tail = bytearray()
 
     def _stop(self, kind: str) -> None:
         """Stop reading the body (keeping what it already said) and report why."""
         self._mode = _Mode.IGNORE
         self._body = []
+        self._tail = None
         self._decoder = None
         self._inflater = None
+        self._waiting = b""
         self._report(kind)
 
     def _report(self, kind: str) -> None:
@@ -471,24 +637,39 @@ class ResponseObserver:
     def _drain(self, aborted: bool) -> None:
         if self._mode is _Mode.IGNORE:
             return
-        inflater = self._inflater
-        if inflater is not None:
+        if self._inflater is not None:
+            if self._waiting and self._decoder is not None:
+                self._skim()  # input still waits: this last step inflates it without parsing
+            self._inflate(b"", self._last_now)  # the last step: what waits from earlier reads
+            inflater = self._inflater  # None once stopped; raw deflate may have replaced it
+            if inflater is None:
+                return
+            if self._waiting:
+                self._stop("decode_budget")  # more than a step still waiting: not read (Rule 6)
+                return
             try:
                 out = inflater.flush()
             except zlib.error:
                 self._stop("encoding")
                 return
             if out:
+                self._read += len(out)
                 self._take(out, self._last_now)
         decoder = self._decoder
         if decoder is not None:
             events = decoder.flush(truncated=aborted)
             if events and self._events(events) and self._first_content_at is None:
                 self._first_content_at = self._last_now
-        elif self._mode is _Mode.BODY and self._body:
-            self._parse_body(b"".join(self._body), aborted)
+        elif self._mode is _Mode.BODY:
+            if self._tail is not None and self._streamed:
+                self._read_stream_tail(bytes(self._tail[-_TAIL:]), aborted)
+            elif self._tail is not None:
+                self._read_tail(bytes(self._tail[-_TAIL:]), self._object, aborted)
+            elif self._body:
+                self._parse_body(b"".join(self._body), aborted)
         self._mode = _Mode.IGNORE  # finish() twice must not apply the body twice
         self._body = []
+        self._tail = None
 
     def _parse_body(self, body: bytes, aborted: bool) -> None:
         start = body.lstrip()[:1]
@@ -498,6 +679,9 @@ class ResponseObserver:
             if self._json_labelled and not aborted:
                 self._report("json")
             return  # an HTML error page or plain text: nothing to read
+        if len(body) > _BIG and _values(body) > _MAX_VALUES:
+            self._read_tail(body[-_TAIL:], start == b"{", aborted)  # Rule 6
+            return
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -506,10 +690,32 @@ class ResponseObserver:
             return
         self._facts.add_body(self._endpoint, obj, error_body=self._status_code >= 400)
 
+    def _read_tail(self, tail: bytes, is_object: bool, aborted: bool) -> None:
+        """A body too large to parse whole: its top-level members from its last ``usage`` or ``model``
+        key on (Rule 6), or "body_too_large" if its tail has none."""
+        obj = tail_members(tail) if is_object and not aborted else None
+        if obj is None:
+            if not aborted:
+                self._report("body_too_large")
+            return
+        self._facts.add_body(self._endpoint, obj, error_body=self._status_code >= 400)
+
+    def _read_stream_tail(self, tail: bytes, aborted: bool) -> None:
+        """A skimmed stream (:meth:`_skim`): the events of its last bytes, from the first blank line."""
+        tail = tail.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        start = tail.find(b"\n\n")
+        if start < 0:
+            return
+        decoder = SSEDecoder()
+        events = decoder.feed(tail[start + 2 :]) + decoder.flush(truncated=aborted)
+        if events and self._events(events) and self._first_content_at is None:
+            self._first_content_at = self._last_now
+
     def _observation(self) -> Observation:
         facts = self._facts
         metrics = self._header_metrics if facts.metrics is None else facts.metrics.over(self._header_metrics)
         chars = facts.content_chars
+        reasons = facts.ordered_finish_reasons()  # each cut to bounds.FINISH_REASONS already
         body = facts.usage
         if body is not None:
             source = UsageSource.REPORTED
@@ -537,7 +743,7 @@ class ResponseObserver:
             usage_source=source,
             response_id=facts.response_id,
             response_model=facts.response_model,
-            finish_reasons=facts.ordered_finish_reasons(),
+            finish_reasons=reasons if len(reasons) < 2 else _finish_reasons(reasons),
             first_content_at=self._first_content_at,
             error_message=facts.error_message,
             stream_error=facts.stream_error,

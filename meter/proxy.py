@@ -69,7 +69,7 @@ from meter.headers import (
 )
 from meter.hooks import QuotaHook, Scope, TenancyHook, TraceHook, settlement_usage
 from meter.identity import KeyFingerprinter, request_credential
-from meter.observe import Observation, ResponseObserver
+from meter.observe import DecodeBudget, Observation, ResponseObserver
 from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
 from meter.request_info import EMPTY, RequestInfo, inspect_request
 from meter.target import UpstreamBase
@@ -164,6 +164,7 @@ class Proxy:
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
         observe: Callable[[UsageRecord], None] | None = None,
         on_observe_error: Callable[[str], None] | None = None,
+        decode_budget: DecodeBudget = DecodeBudget(),  # noqa: B008 (frozen)
         tracer: TraceHook | None = None,
         tenancy: TenancyHook | None = None,
         quota: QuotaHook | None = None,
@@ -180,6 +181,7 @@ class Proxy:
         self._observe = observe
         self._max_request_bytes = max_request_bytes
         self._on_observe_error = on_observe_error
+        self._decode_budget = decode_budget
         self._clock = clock
         self._settling_on: dict[tuple[Any, ...] | None, asyncio.Future[Any]] = {}  # connection → settle
 
@@ -354,6 +356,7 @@ class Proxy:
                 headers=lowered,
                 prompt_tokens_estimate=x.info.prompt_tokens_estimate,
                 on_error=self._on_observe_error,
+                budget=self._decode_budget,
             )
 
         observer: ResponseObserver | None = None

@@ -38,6 +38,8 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0  # between two chunks of the upstream's response
     upstream_max_connections: int = 1000
+    observe_max_bytes: int = 64 * 1024 * 1024  # bytes of a response meter inflates or parses (meter.observe)
+    observe_max_ratio: int = 100  # inflated bytes per compressed byte meter reads, past the first MiB
     max_request_bytes: int = 32 * 1024 * 1024
     client_body_timeout: float = 60.0  # seconds between two reads of a request body (then 408)
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
@@ -210,6 +212,8 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _positive_float),
     "METER_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", _positive_float),
     "METER_UPSTREAM_MAX_CONNECTIONS": ("upstream_max_connections", _positive_int),
+    "METER_OBSERVE_MAX_BYTES": ("observe_max_bytes", _positive_int),
+    "METER_OBSERVE_MAX_RATIO": ("observe_max_ratio", _positive_int),
     "METER_MAX_REQUEST_BYTES": ("max_request_bytes", _positive_int),
     "METER_CLIENT_BODY_TIMEOUT": ("client_body_timeout", _positive_float),
     "METER_SHUTDOWN_GRACE": ("shutdown_grace", _positive_float),

@@ -17,6 +17,11 @@ Rule 5 (deliberate deviation): the spec discards an event left pending at end of
         dispatches it, because an upstream that omits the final blank line still told us its usage.
         ``flush(truncated=True)`` (the stream was cut off) drops only an unterminated last line.
 
+Rule 6 (a bound for hostile streams): with ``max_lines``, a ``feed`` that would complete more than
+        ``max(max_lines, len(data) // 32)`` lines (a flood of blank lines, comments or one-byte
+        fields: a real event is ~100-300 bytes in 2-3 lines) decodes nothing more: it returns no
+        events and sets :attr:`SSEDecoder.overflowed`, before spending a step of Python per line.
+
 Only the new bytes of each chunk are scanned for line endings (``bytes.find``/``split``, no per-byte
 Python loop), so feeding one byte at a time costs O(n) overall, not O(n^2).
 
@@ -49,9 +54,22 @@ class SSEEvent:
 class SSEDecoder:
     """``feed(bytes) -> [SSEEvent]`` as bytes arrive, then ``flush() -> [SSEEvent]`` once at the end."""
 
-    __slots__ = ("_at_start", "_data", "_event", "_last_id", "_partial", "_partial_len", "_skip_lf")
+    __slots__ = (
+        "_at_start",
+        "_data",
+        "_event",
+        "_last_id",
+        "_max_lines",
+        "_partial",
+        "_partial_len",
+        "_skip_lf",
+        "overflowed",
+    )
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_lines: int | None = None) -> None:
+        """``max_lines``: see Rule 6 (None: no bound)."""
+        self._max_lines = max_lines if max_lines is not None else 1 << 62
+        self.overflowed = False  # a feed held more lines than max_lines allows (Rule 6)
         self._partial: list[bytes] = []  # pieces of the unterminated last line (no CR/LF inside)
         self._partial_len = 0
         self._skip_lf = False  # the previous chunk ended in CR: an LF starting this one is its CRLF
@@ -64,6 +82,20 @@ class SSEDecoder:
     def buffered_bytes(self) -> int:
         """Bytes held for an unterminated line (lets a caller bound memory against a line without end)."""
         return self._partial_len
+
+    @property
+    def pending_lines(self) -> int:
+        """The ``data`` lines of the event being read (a caller checks this before
+        :attr:`pending_bytes`, which costs one step per line)."""
+        return len(self._data)
+
+    @property
+    def pending_bytes(self) -> int:
+        """The size of the event being read: its ``data`` so far (characters, with the line ends that
+        will join them) and the unterminated line. Lets a caller bound an event that never ends, be
+        it one line without end or endless ``data`` lines without the blank line that ends them."""
+        data = self._data
+        return self._partial_len + (sum(map(len, data)) + len(data) if data else 0)
 
     _FAST = True  # class switch: tests compare the fast path with the general one
 
@@ -107,6 +139,8 @@ class SSEDecoder:
                 self._partial_len = 0
             lines = data.decode("utf-8", "replace").split("\n")
             lines.pop()  # the empty text after the final LF
+            if len(lines) > self._max_lines and self._too_many(len(lines), len(data)):
+                return []
             return self._lines(lines)
         last = data.rfind(b"\n")
         if last < 0:
@@ -121,7 +155,20 @@ class SSEDecoder:
         rest = data[last + 1 :]
         self._partial.append(rest)
         self._partial_len = len(rest)
-        return self._lines(head.decode("utf-8", "replace").split("\n"))
+        lines = head.decode("utf-8", "replace").split("\n")
+        if len(lines) > self._max_lines and self._too_many(len(lines), len(data)):
+            return []
+        return self._lines(lines)
+
+    def _too_many(self, lines: int, size: int) -> bool:
+        """More than ``max_lines`` lines: more than one per 32 bytes too? (Rule 6)"""
+        if lines <= size >> 5:
+            return False
+        self.overflowed = True
+        self._partial.clear()
+        self._partial_len = 0
+        self._data.clear()
+        return True
 
     def flush(self, *, truncated: bool = False) -> list[SSEEvent]:
         """End of stream: process an unterminated last line and dispatch a pending event (Rule 5).
@@ -171,16 +218,15 @@ class SSEDecoder:
             if line.startswith("data:"):
                 data.append(line[5:])
                 continue
-            if line[0] == ":":
+            if line[0] not in "ei":  # a comment (":"), "data" alone, or a field nobody reads
+                if line == "data":  # "data" without a colon: an empty data line
+                    data.append("")
                 continue
             name, _, value = line.partition(":")
             if value.startswith(" "):
                 value = value[1:]
             if name == "event":
                 self._event = value or None
-            elif name == "id":
-                if "\0" not in value:
-                    self._last_id = value
-            elif name == "data":  # "data" without a colon: an empty data line
-                data.append(value)
+            elif name == "id" and "\0" not in value:
+                self._last_id = value
         return events

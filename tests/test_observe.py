@@ -370,7 +370,7 @@ def test_gzip_bomb_is_capped() -> None:
     got = observe(
         CHAT, [data], {**JSON, "content-encoding": "gzip"}, max_body_bytes=1024 * 1024, errors=errors
     )
-    assert errors == ["body_too_large"]
+    assert errors == ["decode_budget"]  # ~1000x: past the ratio once its first MiB is read
     assert got.usage_source is UsageSource.MISSING
 
 
@@ -611,8 +611,20 @@ def test_binary_body_is_not_read() -> None:
     assert got.usage_source is UsageSource.MISSING
 
 
-def test_body_over_the_cap_falls_back_to_headers() -> None:
+def test_body_over_the_cap_is_read_from_its_tail() -> None:
     data = (FIXTURES / "chat.json").read_bytes()
+    errors: list[str] = []
+    headers = {**JSON, "fireworks-prompt-tokens": "23", "fireworks-cached-prompt-tokens": "16"}
+    got = observe(CHAT, [data[:150], data[150:]], headers, max_body_bytes=200, errors=errors)
+    assert errors == []
+    assert (got.usage_source, got.usage) == (UsageSource.REPORTED, Usage(23, 9, 16, None, 32))
+    # read from its last "model" key on (the whole tail here): the id before it is not
+    assert got.response_id is None
+    assert got.response_model == "accounts/fireworks/models/llama-v3p1-8b-instruct"
+
+
+def test_body_over_the_cap_without_usage_at_its_end_falls_back_to_headers() -> None:
+    data = (FIXTURES / "chat.json").read_bytes().replace(b'"usage"', b'"u"').replace(b'"model"', b'"m"')
     errors: list[str] = []
     headers = {**JSON, "fireworks-prompt-tokens": "23", "fireworks-cached-prompt-tokens": "16"}
     got = observe(CHAT, [data[:150], data[150:]], headers, max_body_bytes=200, errors=errors)
