@@ -161,6 +161,9 @@ def render(results: dict[str, Any]) -> str:
     if meta.get("variant"):
         variant = " ".join(f"{k}={v}" for k, v in meta["variant"].items())
         out.append(f"  variant:    a second meter, with {variant} (the target named after it)")
+    if meta.get("compare_source"):
+        ref = meta["compare_source"]
+        out.append(f"  compare:    a second meter running the source of git {ref} (the target named @{ref})")
     if meta.get("quota_variant"):
         variant = " ".join(f"{k}={v}" for k, v in meta["quota_variant"].items())
         out.append(f"  variant:    a second meter with limits, with {variant} (the target named after it)")

@@ -44,6 +44,7 @@ from bench import compare, procs, report, stats, wrk
 from bench.targets import (
     Target,
     count_records,
+    export_source,
     rss_summary,
     set_limits,
     start_meter,
@@ -97,6 +98,7 @@ class Options:
     meter_env: dict[str, str] = field(default_factory=dict)
     quota_variant: dict[str, str] = field(default_factory=dict)  # a second quota target's own settings
     variant: dict[str, str] = field(default_factory=dict)  # a second meter's own settings (no limits)
+    compare_source: str | None = None  # a git ref: also measure meter as it is there
 
 
 def parse_args(argv: list[str] | None) -> Options:
@@ -194,6 +196,14 @@ def parse_args(argv: list[str] | None) -> Options:
         "(repeatable; one more target), e.g. METER_QUOTA_SETTLE_LINGER=0, to compare a quota setting "
         "side by side in one run",
     )
+    parser.add_argument(
+        "--compare-source",
+        default=None,
+        metavar="GIT_REF",
+        help="also measure meter as it is at this git ref (its meter/ and migrations/, run by the same "
+        "Python; one more target, e.g. --compare-source HEAD~3), to compare two versions side by side "
+        "in one run",
+    )
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run (tests use it)")
     parser.add_argument("--json", dest="json_path", type=Path, default=None, help="also save results here")
     parser.add_argument(
@@ -265,6 +275,7 @@ def parse_args(argv: list[str] | None) -> Options:
         meter_env=meter_env,
         quota_variant=quota_variant,
         variant=variant,
+        compare_source=args.compare_source,
     )
 
 
@@ -544,6 +555,20 @@ def main(argv: list[str] | None = None) -> int:
                 assert target.process is not None
                 processes.append(target.process)
                 targets.append(target)
+            if options.compare_source:
+                source = (options.compare_source, export_source(options.compare_source, workdir))
+                target = start_meter(
+                    workdir,
+                    pinning,
+                    sim_url,
+                    options.servers[0],
+                    options.clients[0],
+                    meter_env=options.meter_env,
+                    source=source,
+                )
+                assert target.process is not None
+                processes.append(target.process)
+                targets.append(target)
             quota_redis = options.quota_redis
             if quota_redis == "local":
                 redis, quota_redis = start_redis(workdir, pinning)
@@ -622,6 +647,7 @@ def main(argv: list[str] | None = None) -> int:
             "meter_env": options.meter_env,
             "quota_variant": options.quota_variant,
             "variant": options.variant,
+            "compare_source": options.compare_source,
             "open_generator": "Python aiohttp+uvloop generator (separate process)",
             "closed_generator": closed_generator,
             "versions": _versions(),

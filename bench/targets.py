@@ -12,6 +12,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -74,15 +75,21 @@ def start_meter(
     redis_url: str | None = None,
     meter_env: dict[str, str] | None = None,
     variant: dict[str, str] | None = None,
+    source: tuple[str, Path] | None = None,
 ) -> Target:
     """``redis_url``: the quota target: counters in that Redis, limits set by :func:`set_limits`.
     ``meter_env``: ``METER_*`` settings of the run's ``--meter-env`` (every meter gets them);
-    ``variant``: a ``--variant``'s or ``--quota-variant``'s settings, on top, which name the target."""
+    ``variant``: a ``--variant``'s or ``--quota-variant``'s settings, on top, which name the target;
+    ``source``: ``(git ref, directory)`` of another version of meter (:func:`export_source`) to run
+    instead of this checkout's, which names the target too."""
     label = ",".join(f"{k}={v}" for k, v in (variant or {}).items())
+    if source is not None:
+        label = f"@{source[0]}"
     name = f"meter[{server},{client}]" + ("+quota" if redis_url else "") + (f"[{label}]" if label else "")
     port = procs.free_port()
+    slug = "".join(c if c.isalnum() else "-" for c in label)
     db_path = (
-        workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}{'-variant' if label else ''}.db"
+        workdir / f"bench-{server}-{client}{'-quota' if redis_url else ''}{'-' + slug if label else ''}.db"
     )
     argv = _meter_command(
         "serve",
@@ -98,6 +105,8 @@ def start_meter(
         "warning",
     )
     env = {**_meter_env(client), **(meter_env or {}), **(variant or {})}
+    if source is not None:  # ahead of the editable install on sys.path: that version's meter is imported
+        env["PYTHONPATH"] = str(source[1])
     if redis_url is not None:
         env["METER_REDIS_URL"] = redis_url
         env["METER_QUOTA_PREFIX"] = f"meter-bench:{os.getpid()}:{port}:"
@@ -107,6 +116,18 @@ def start_meter(
     target.quota = redis_url is not None
     target.variant = label
     return target
+
+
+def export_source(ref: str, workdir: Path) -> Path:
+    """``meter/`` and ``migrations/`` as they are at git ``ref``, extracted under ``workdir`` (what
+    ``--compare-source`` runs)."""
+    dest = workdir / f"source-{ref.replace('/', '_')}"
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", ref, "meter", "migrations"], check=True, capture_output=True
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive, check=True)
+    return dest
 
 
 PASSTHROUGH = "pass-through"

@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 VARIANT = "meter[uvicorn,aiohttp]+quota[METER_QUOTA_SETTLE_LINGER=0]"
 PLAIN_VARIANT = "meter[uvicorn,aiohttp][METER_WRITER_FLUSH_INTERVAL=0.02]"
+COMPARED = "meter[uvicorn,aiohttp][@HEAD]"  # --compare-source HEAD
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +39,7 @@ def quick_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict[str, 
             *("--meter-env", "METER_WRITER_BATCH_SIZE=50", "--json", str(out)),
             *("--quota-variant", "METER_QUOTA_SETTLE_LINGER=0"),
             *("--variant", "METER_WRITER_FLUSH_INTERVAL=0.02"),
+            *("--compare-source", "HEAD"),
         ],
         cwd=REPO,
         capture_output=True,
@@ -58,6 +60,7 @@ def test_report_has_every_section(quick_run: tuple[str, dict[str, Any]]) -> None
     assert "PASS" in text or "MISS" in text
     assert "\n  meter env:  METER_WRITER_BATCH_SIZE=50\n" in text
     assert "\n  variant:    a second meter with limits, with METER_QUOTA_SETTLE_LINGER=0 " in text
+    assert "\n  compare:    a second meter running the source of git HEAD " in text
     assert "\n  variant:    a second meter, with METER_WRITER_FLUSH_INTERVAL=0.02 " in text
 
 
@@ -76,6 +79,7 @@ def test_every_target_was_measured_without_errors(quick_run: tuple[str, dict[str
         "meter[uvicorn,aiohttp]+quota",
         VARIANT,
         PLAIN_VARIANT,
+        COMPARED,
     }
     for target in targets.values():
         for rate, step in target["latency"].items():
@@ -109,6 +113,9 @@ def test_meter_memory_and_records(quick_run: tuple[str, dict[str, Any]]) -> None
     assert {row["base"] for row in quota.values()} == {"meter[uvicorn,aiohttp]"}
     variant = next(t for t in results["targets"] if t["name"] == VARIANT)
     assert 0 < variant["records_written"] == variant["requests_seen"]
+    # the meter of another source ran (its own process, its own database) in the same rounds
+    compared = next(t for t in results["targets"] if t["name"] == COMPARED)
+    assert 0 < compared["records_written"] == compared["requests_seen"]
     plain = next(t for t in results["targets"] if t["name"] == PLAIN_VARIANT)
     assert 0 < plain["records_written"] == plain["requests_seen"]
     assert results["meta"]["variant"] == {"METER_WRITER_FLUSH_INTERVAL": "0.02"}
@@ -120,7 +127,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
     assert passthrough["requests_seen"] > 0
     assert 10 < passthrough["rss"]["serving_mb"] < 10_000
     assert passthrough["max_requests"]["cpu_pct"]["meter"] > 0
-    assert len(results["baseline"]) == 4  # meter, its variant, and the two meters with quotas
+    assert len(results["baseline"]) == 5  # meter, its variant, the compared source, two with quotas
     for versus in results["baseline"]:
         assert versus["base"] == "pass-through"
         assert versus["throughput_ratio"]["requests"] > 0
@@ -130,7 +137,7 @@ def test_passthrough_forwarded_everything(quick_run: tuple[str, dict[str, Any]])
 
 def test_comparison_and_targets(quick_run: tuple[str, dict[str, Any]]) -> None:
     _, results = quick_run
-    assert len(results["comparison"]) == 4  # meter, its variant and the two with limits, against direct
+    assert len(results["comparison"]) == 5  # meter, its variant, the compared source, two with limits
     for comparison in results["comparison"]:
         assert comparison["throughput_ratio"]["requests"] > 0
         assert comparison["throughput_ratio"]["streams"] > 0
