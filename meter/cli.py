@@ -195,28 +195,16 @@ def _run_server(settings: Settings) -> None:
 )
 def simulate(host: str, port: int, ttft_ms: float, token_delay_ms: float, completion_tokens: int) -> None:
     """Run a Fireworks-compatible upstream simulator (for demos, tests and benchmarks)."""
-    import uvicorn
+    from meter.simulator import SimulatorConfig
+    from meter.simulator.__main__ import serve
 
-    from meter.gc_tuning import settle_collector
-    from meter.simulator import SimulatorConfig, create_simulator
-
-    app = create_simulator(
-        SimulatorConfig(ttft_ms=ttft_ms, token_delay_ms=token_delay_ms, completion_tokens=completion_tokens)
-    )
     click.echo(
         f"simulator listening on http://{host}:{port} (point meter at it: --upstream http://{host}:{port})"
     )
-    settle_collector(None)  # the benchmark's upstream: its collector's pauses would count against meter
-    uvicorn.run(
-        app,
-        host=host,
-        port=port,
-        loop="uvloop",
-        http="httptools",
-        lifespan="off",
-        access_log=False,
-        log_level="warning",
-        backlog=4096,
+    serve(
+        SimulatorConfig(ttft_ms=ttft_ms, token_delay_ms=token_delay_ms, completion_tokens=completion_tokens),
+        host,
+        port,
     )
 
 

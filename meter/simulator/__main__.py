@@ -1,4 +1,4 @@
-"""``python -m meter.simulator``: serve a simulator with uvicorn (httptools + uvloop when available)."""
+"""``python -m meter.simulator``: serve a simulator with uvicorn (httptools + uvloop)."""
 
 from __future__ import annotations
 
@@ -28,14 +28,28 @@ def main(argv: list[str] | None = None) -> None:
         )
     except ValueError as exc:
         parser.error(str(exc))
+    serve(config, args.host, args.port)
+
+
+def serve(config: SimulatorConfig, host: str, port: int) -> None:
+    """Serve a simulator until interrupted (``meter simulate`` and ``python -m meter.simulator``)."""
+    from meter.gc_tuning import settle_collector
+
+    app = create_simulator(config)
+    settle_collector(None)  # the benchmark's upstream: its collector's pauses would count against meter
     uvicorn.run(
-        create_simulator(config),
-        host=args.host,
-        port=args.port,
-        loop="auto",
+        app,
+        host=host,
+        port=port,
+        loop="uvloop",
         http="httptools",
-        log_level="warning",
+        lifespan="off",
         access_log=False,
+        log_level="warning",
+        backlog=4096,
+        # as a provider's load balancer does (60 s and more): longer than a client pool keeps an idle
+        # connection (aiohttp: 15 s), so no request races the server closing the connection under it
+        timeout_keep_alive=75,
     )
 
 

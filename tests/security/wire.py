@@ -96,7 +96,10 @@ class Wire:
                 raise AssertionError(f"the server reset the connection after {self.buffer!r}") from None
 
     def readable(self, timeout: float) -> bool:
-        return bool(select.select([self.sock], [], [], timeout)[0])
+        # poll, not select: a long test run holds file descriptors past select()'s limit of 1024
+        poller = select.poll()
+        poller.register(self.sock, select.POLLIN)
+        return bool(poller.poll(timeout * 1000))
 
     def close(self) -> None:
         self.sock.close()
