@@ -1,4 +1,4 @@
-"""Observer microbenchmark: what meter's tap (:class:`~meter.observe.ResponseObserver`) costs per
+"""Observer microbenchmark: what meter's tap (:class:`~meter.tap.observer.ResponseObserver`) costs per
 response, in microseconds, for the shapes the simulator (and Fireworks) send:
 
 * ``chat stream``: 20 chunks, each one ``data: {...}\\n\\n`` event: the role chunk, 17 one-token
@@ -36,7 +36,6 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from meter.observe import Observation, ResponseObserver
 from meter.simulator.plan import Api, Plan
 from meter.simulator.shapes import (
     DONE,
@@ -46,6 +45,7 @@ from meter.simulator.shapes import (
     fireworks_headers,
 )
 from meter.simulator.tokens import token_bytes
+from meter.tap.observer import Observation, ResponseObserver
 
 IDENT = "0f3c5a7e9b1d4f6a8c2e4b6d8f0a1c3e"
 CREATED = 1_732_252_800

@@ -22,7 +22,7 @@ import aiohttp
 import uvicorn
 import yarl
 
-from meter.gc_tuning import settle_collector
+from meter.serving.gc import settle_collector
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

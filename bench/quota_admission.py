@@ -46,7 +46,7 @@ from meter.quota.policy import Limits
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.store import QuotaStore
 from meter.records import Usage
-from meter.request_info import inspect_request
+from meter.tap.request import inspect_request
 
 TEAM_LIMITS = Limits(
     budget_usd=Decimal("1000000"),

@@ -1,7 +1,7 @@
 """Writer throughput: how fast the journal pump moves usage records into the database.
 
 Fills a fresh journal with N synthetic records (200 keys in 5 teams, 5 models, 2 endpoints, one
-record every 50 ms of event time), then times one :class:`~meter.pipeline.Pipeline` draining it into a
+record every 50 ms of event time), then times one :class:`~meter.pipeline.pump.Pipeline` draining it into a
 freshly created and migrated database, hourly rollup included. Prints the append rate (the request
 path's cost), the drain rate in events per second, and the process CPU the drain took per event: in
 all threads (SQLite works in aiosqlite's thread, mostly without the GIL) and on the event loop's
@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from meter.db import migrate
 from meter.db.engine import create_engine
 from meter.db.models import usage_events, usage_hourly
-from meter.journal import Journal
-from meter.pipeline import Pipeline
+from meter.journal.store import Journal
+from meter.pipeline.pump import Pipeline
 from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
 from meter.settings import Settings
 

@@ -1,3 +1,3 @@
-from meter.cli import main
+from meter.cli.main import main
 
 main()

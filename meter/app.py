@@ -4,8 +4,8 @@
 
 * paths that are meter's own (``/healthz``, ``/readyz``, ``/metrics``, ``/admin/...``) and the ASGI
   lifespan go to a litestar app;
-* every other HTTP request goes straight to :class:`~meter.proxy.Proxy` (the hot path skips litestar's
-  routing and middleware stack).
+* every other HTTP request goes straight to :class:`~meter.forward.handler.Proxy` (the hot path
+  skips litestar's routing and middleware stack).
 
 Start-up (lifespan): migrate SQLite, open the database engine, claim a journal directory and start the
 pipeline (journal → database), open the upstream pool. Shutdown: close the upstream pool, then drain the
@@ -27,33 +27,33 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import __version__
-from meter.admin import admin_router, http_error_handler, meter_error_handler, openapi_config
-from meter.admin_manage import manage_router
+from meter.admin.manage import manage_router
+from meter.admin.usage import admin_router, http_error_handler, meter_error_handler, openapi_config
 from meter.db.engine import create_engine, ping
 from meter.db.migrate import upgrade
 from meter.errors import MeterError
-from meter.forward import Upstream, create_upstream
-from meter.gc_tuning import settle_collector
+from meter.forward.handler import Proxy
+from meter.forward.upstream import Upstream, create_upstream
 from meter.health import ROUTES as HEALTH_ROUTES
 from meter.health import ReadinessProbe
-from meter.identity import KeyFingerprinter, load_key_secret
-from meter.journal import Journal, default_journal_root
-from meter.journal_sync import parse_fsync_policy
-from meter.metrics import ProxyMetrics, exposition_registry
-from meter.observe import DecodeBudget
-from meter.pipeline import Pipeline
-from meter.proxy import Proxy
+from meter.journal.store import Journal, default_journal_root
+from meter.journal.sync import parse_fsync_policy
+from meter.pipeline.pump import Pipeline
 from meter.quota.runtime import Quotas
 from meter.records import UsageRecord
-from meter.requestlog import RequestLog, resolve_format
-from meter.serving import REFUSALS_STATE_KEY
+from meter.serving.gc import settle_collector
+from meter.serving.options import REFUSALS_STATE_KEY
 from meter.settings import Settings
+from meter.sinks.prometheus import ProxyMetrics, exposition_registry
+from meter.sinks.requestlog import RequestLog, resolve_format
+from meter.tap.observer import DecodeBudget
+from meter.tenancy.identity import KeyFingerprinter, load_key_secret
 from meter.tenancy.runtime import Tenancy, config_from_settings
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import MeterProvider
 
-    from meter.tracing import GenAITracer
+    from meter.sinks.tracing import GenAITracer
 
 log = logging.getLogger("meter")
 
@@ -111,7 +111,7 @@ class MeterApp:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan" and "state" in scope:
-            # the server's connections count their refusals here (meter.http_guard)
+            # the server's connections count their refusals here (meter.serving.guard)
             scope["state"][REFUSALS_STATE_KEY] = self.runtime.metrics.connection_refused
         if scope["type"] != "http" or is_own_path(scope["path"]):
             await self.litestar(scope, receive, send)  # type: ignore[arg-type]
@@ -137,7 +137,7 @@ def create_app(
     metrics = ProxyMetrics(registry)
     if tracer is None and meter_provider is None and settings.otel_environment:
         # The OpenTelemetry SDK is imported only when an OTEL_* variable is set (nothing else needs it).
-        from meter.telemetry_config import configure_from_environment
+        from meter.sinks.otel_config import configure_from_environment
 
         tracer, meter_provider = configure_from_environment(
             settings.otel_environment, upstream_url=settings.upstream_url, metrics=metrics
@@ -169,7 +169,7 @@ def create_app(
     quotas = runtime.quotas = Quotas(settings, tenancy, registry)
     runtime.sinks.append(request_log)
     if meter_provider is not None:
-        from meter.genai_metrics import GenAIMetrics
+        from meter.sinks.genai_metrics import GenAIMetrics
 
         runtime.sinks.append(
             GenAIMetrics(
@@ -232,7 +232,7 @@ def create_app(
         # Telemetry last, so it still sees the requests that finished during the grace period.
         await asyncio.to_thread(request_log.close)
         if runtime.tracer is not None or runtime.meter_provider is not None:
-            from meter.telemetry_config import shutdown_telemetry
+            from meter.sinks.otel_config import shutdown_telemetry
 
             await asyncio.to_thread(shutdown_telemetry, runtime.tracer, runtime.meter_provider)
 

@@ -4,7 +4,7 @@ Hierarchy::
 
     MeterError
     ├── RequestError              4xx: the client's request cannot be forwarded as sent
-    │   ├── InvalidTarget         400: not a path under the upstream's base (meter.target)
+    │   ├── InvalidTarget         400: not a path under the upstream's base (meter.forward.target)
     │   ├── InvalidCredentials    400: several credentials, or a virtual key outside Authorization
     │   ├── InvalidHeader         400: a header value that is not UTF-8
     │   ├── MalformedRequest      400: not an HTTP/1.1 request meter can parse (the serving edge)
@@ -22,8 +22,9 @@ Hierarchy::
                                   plain-text 500)
 
 Error *responses* of the upstream are not exceptions: they pass through unchanged. Third-party
-exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward`. The serving edge's
-errors (:mod:`meter.http_guard`) are answered by the HTTP protocol itself, before any ASGI request exists.
+exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward.upstream`. The
+serving edge's errors (:mod:`meter.serving.guard`) are answered by the HTTP protocol itself, before any
+ASGI request exists.
 """
 
 from __future__ import annotations

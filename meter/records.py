@@ -8,7 +8,7 @@ Rule 2: every record says where its numbers came from (:class:`UsageSource`), so
 Rule 3: the requested model (from the client's body) and the response model (from the upstream's
         answer) are kept apart; they differ whenever the upstream resolves an alias.
 Rule 4: nothing here holds a raw API key, only its HMAC fingerprint and a display suffix.
-Rule 5: money is an integer: ``cost_nanos`` (nano-USD, rounded once by meter.billing); ``cost_usd`` is
+Rule 5: money is an integer: ``cost_nanos`` (nano-USD, rounded once by meter.billing.rating); ``cost_usd`` is
         the same amount as an exact Decimal.
 
 This module is pure: it imports nothing from litestar, httpx, aiohttp or SQLAlchemy.
@@ -117,7 +117,7 @@ class UsageRecord:
     upstream_headers_ms: float | None = None  # request arrival -> upstream response headers
     ttft_ms: float | None = None  # request arrival -> first content chunk relayed (streams)
     output_tokens_per_second: float | None = None
-    overhead_ms: float | None = None  # time meter itself added (see meter.proxy)
+    overhead_ms: float | None = None  # time meter itself added (see meter.forward.handler)
     server_ttft_ms: float | None = None  # fireworks-server-time-to-first-token
     server_processing_ms: float | None = None  # fireworks-server-processing-time
     upstream_metrics: dict[str, float] = field(
@@ -126,7 +126,7 @@ class UsageRecord:
     request_bytes: int = 0
     response_bytes: int = 0
     error: str | None = None  # short reason for proxy errors and upstream error messages
-    # Set by pricing (meter.billing) before the record is journaled: the cost in whole nano-USD, and
+    # Set by pricing (meter.billing.rating) before the record is journaled: the cost in whole nano-USD, and
     # the price row used ("db:17", "sheet:2025-08-01:<model>", ...). Both None: unpriced, or no usage.
     cost_nanos: int | None = None
     price_ref: str | None = None

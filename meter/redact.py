@@ -4,7 +4,7 @@ meter holds URLs that carry secrets (``METER_DATABASE_URL``, ``METER_REDIS_URL``
 ``METER_UPSTREAM_URL``), and libraries repeat such URLs in their exception texts. Whatever meter
 prints (log lines, error messages, ``/readyz``, CLI output) shows a URL it knows through
 :func:`mask_url`, and free text that may hold one through :func:`mask_urls_in`; the log formatters
-(:mod:`meter.requestlog`) and the CLI's error path apply the latter to every line they write.
+(:mod:`meter.sinks.requestlog`) and the CLI's error path apply the latter to every line they write.
 
 Rule 1: a URL's userinfo password is replaced by ``***``: ``postgresql+asyncpg://meter:***@db/meter``,
         ``redis://:***@cache:6379/0``. The user name stays (it helps with "role does not exist"),

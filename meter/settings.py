@@ -38,12 +38,15 @@ class Settings:
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0  # between two chunks of the upstream's response
     upstream_max_connections: int = 1000
-    observe_max_bytes: int = 64 * 1024 * 1024  # bytes of a response meter inflates or parses (meter.observe)
+    observe_max_bytes: int = (
+        64 * 1024 * 1024
+    )  # bytes of a response meter inflates or parses (meter.tap.observer)
     observe_max_ratio: int = 100  # inflated bytes per compressed byte meter reads, past the first MiB
     max_request_bytes: int = 32 * 1024 * 1024
     client_body_timeout: float = 60.0  # seconds between two reads of a request body (then 408)
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
-    # Client connections, per serving process (meter.serving; defaults after nginx's, reasons in README).
+    # Client connections, per serving process (meter.serving.options; defaults after nginx's, reasons
+    # in the README).
     max_request_head_bytes: int = 32 * 1024  # request line + header lines; then 431
     max_request_headers: int = 100  # header fields in one request; then 431
     client_header_timeout: float = 60.0  # seconds for a whole request head; then 408 (or a plain close)
@@ -53,7 +56,7 @@ class Settings:
     server: str = "uvicorn"  # "uvicorn" or "granian"
     log_level: str = "info"
     log_format: str = "auto"  # "json", "text", or "auto": text on a terminal, JSON otherwise
-    # Every OTEL_* variable, for meter.telemetry_config (OpenTelemetry is off unless they configure an
+    # Every OTEL_* variable, for meter.sinks.otel_config (OpenTelemetry is off unless they configure an
     # exporter).
     otel_environment: dict[str, str] = dataclasses.field(default_factory=dict)
     # prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR; `meter serve --workers N`
@@ -135,7 +138,7 @@ def _http_url(value: str) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         raise ValueError("must be an http:// or https:// URL")
     if parts.query or parts.fragment or "@" in parts.netloc:
-        # every forwarded URL is this base + the client's path (meter.target); credentials belong in
+        # every forwarded URL is this base + the client's path (meter.forward.target); credentials belong in
         # METER_UPSTREAM_API_KEY or the credentials file, never in a URL that may be printed
         raise ValueError("must not carry credentials, a query or a fragment")
     return value.rstrip("/")
@@ -280,7 +283,7 @@ def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
         values[field] = _parse(f"{env} (or its flag)", parser, value) if isinstance(value, str) else value
     otel = {name: value for name, value in environ.items() if name.startswith("OTEL_")}
     if otel:
-        from meter.telemetry_config import TelemetryConfigError, check_environment
+        from meter.sinks.otel_config import TelemetryConfigError, check_environment
 
         try:
             check_environment(otel)

@@ -13,8 +13,8 @@ import pytest
 import yaml
 from prometheus_client import CollectorRegistry
 
-from meter.metrics import ProxyMetrics
 from meter.records import Outcome
+from meter.sinks.prometheus import ProxyMetrics
 from tests.conftest_db import make_record
 from tests.support.prometheus import (
     DASHBOARDS,

@@ -26,7 +26,7 @@ from meter.db.insert import write_batch, write_payloads
 from meter.db.models import RECORD_FIELDS, make_storable, record_to_row, row_to_record, usage_events
 from meter.db.poison import write_isolating
 from meter.db.types import UtcDateTime
-from meter.payload import FALLBACK_MARK, decode_row, encode_record
+from meter.journal.payload import FALLBACK_MARK, decode_row, encode_record
 from meter.records import UsageRecord
 from tests.conftest_db import every_field_record, make_record, migrated_engine
 from tests.support.loop_turns import loop_turns
@@ -230,7 +230,7 @@ async def test_replays_change_nothing_byte_for_byte(
 
 
 def stdlib_payload(record: UsageRecord, **raw: Any) -> bytes:
-    """A fallback-marked payload (meter.payload Rule 2) with ``raw`` JSON values."""
+    """A fallback-marked payload (meter.journal.payload Rule 2) with ``raw`` JSON values."""
     values = {name: getattr(record, name) for name in RECORD_FIELDS}
     values.update(raw)
     return FALLBACK_MARK + json.dumps(values, default=str).encode()

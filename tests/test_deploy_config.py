@@ -1,7 +1,7 @@
 """deploy/, the Dockerfile and the Helm chart, held to meter itself.
 
 Every environment variable they give meter is one meter reads (meter/settings.py ENVIRONMENT, the
-OTEL_* variables meter/telemetry_config.py reads, PROMETHEUS_MULTIPROC_DIR) and parses; every meter command
+OTEL_* variables meter/sinks/otel_config.py reads, PROMETHEUS_MULTIPROC_DIR) and parses; every meter command
 they run parses with meter's own CLI; ports, probe paths and scrape targets agree; every file parses
 and every file they mount or link exists. The chart is rendered by Helm when Helm is at hand (a
 ``helm`` binary, or the ``helm_python`` SDK); without it the templates are checked as YAML with their
@@ -26,7 +26,7 @@ import click
 import pytest
 import yaml
 
-from meter.cli import main as meter_cli
+from meter.cli.main import main as meter_cli
 from meter.health import ROUTES
 from meter.settings import ENVIRONMENT, Settings, load_settings
 from tests.support.prometheus import DASHBOARDS, RULE_FILES, promtool
@@ -46,9 +46,9 @@ SECRET = "0123456789abcdef0123456789abcdef"
 
 
 def _otel_variables() -> set[str]:
-    source = (ROOT / "meter" / "telemetry_config.py").read_text()
+    source = (ROOT / "meter" / "sinks" / "otel_config.py").read_text()
     names = {name for name in re.findall(r"\bOTEL_[A-Z0-9_]*[A-Z0-9]\b", source)}
-    for signal in ("TRACES", "METRICS"):  # f"OTEL_EXPORTER_OTLP_{upper}_..." in meter/telemetry_config.py
+    for signal in ("TRACES", "METRICS"):  # f"OTEL_EXPORTER_OTLP_{upper}_..." in meter/sinks/otel_config.py
         names |= {f"OTEL_EXPORTER_OTLP_{signal}_{part}" for part in ("ENDPOINT", "PROTOCOL", "HEADERS")}
     return names
 
@@ -195,7 +195,7 @@ def test_the_image_build_context_builds_a_wheel_with_the_migrations(tmp_path: Pa
     assert "meter/_migrations/env.py" in names
     assert any(n.startswith("meter/_migrations/versions/") for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "meter = meter.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "meter = meter.cli.main:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 # --- compose ---------------------------------------------------------------------------------------

@@ -8,10 +8,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meter.extract import Endpoint, ResponseFacts, endpoint_of, error_message, usage_from_json
-from meter.fireworks_metrics import FireworksMetrics, fireworks_metrics, perf_metrics
 from meter.records import Usage
-from meter.token_estimate import chars_to_tokens, estimate_prompt_tokens
+from meter.tap.estimate import chars_to_tokens, estimate_prompt_tokens
+from meter.tap.fireworks_headers import FireworksMetrics, fireworks_metrics, perf_metrics
+from meter.tap.usage import Endpoint, ResponseFacts, endpoint_of, error_message, usage_from_json
 
 # --- usage objects ----------------------------------------------------------------------------------
 

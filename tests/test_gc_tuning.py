@@ -8,7 +8,7 @@ import sys
 
 PROBE = """
 import gc, json, sys
-from meter.gc_tuning import settle_collector
+from meter.serving.gc import settle_collector
 defaults = gc.get_threshold()
 settle_collector(*([None] if sys.argv[1] == "keep" else []))
 print(json.dumps({"frozen": gc.get_freeze_count(), "defaults": defaults, "now": gc.get_threshold()}))

@@ -1,11 +1,12 @@
-"""Which response headers cross the proxy: the one-pass split agrees with the rules of meter.headers."""
+"""Which response headers cross the proxy: the one-pass split agrees with the rules of
+meter.forward.headers."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meter.headers import client_response_headers, observed, override_headers, split_response_headers
+from meter.forward.headers import client_response_headers, observed, override_headers, split_response_headers
 
 NAMES = [
     b"Content-Type",

@@ -8,8 +8,8 @@ import hmac
 
 import pytest
 
-from meter.identity import KeyFingerprinter, bearer_token
 from meter.settings import SettingsError
+from meter.tenancy.identity import KeyFingerprinter, bearer_token
 
 SECRET = b"0123456789abcdef-secret"
 

@@ -20,15 +20,15 @@ from pathlib import Path
 import orjson
 import pytest
 
-from meter.frames import Position, segment_name
-from meter.journal import (
+from meter.journal.frames import Position, segment_name
+from meter.journal.payload import decode_record, encode_record
+from meter.journal.store import (
     Journal,
     JournalClosed,
     JournalLocked,
     journal_status,
 )
-from meter.journal_sync import parse_fsync_policy
-from meter.payload import decode_record, encode_record
+from meter.journal.sync import parse_fsync_policy
 from meter.records import Outcome, UsageRecord, UsageSource
 from tests.conftest_db import every_field_record, make_record
 
@@ -320,7 +320,7 @@ def test_parse_fsync_policy() -> None:
 HOLDER = textwrap.dedent(
     """
     import sys
-    from meter.journal import Journal
+    from meter.journal.store import Journal
     journal = Journal.open(sys.argv[1]) if sys.argv[2] == "open" else Journal.open_any(sys.argv[1])
     print(journal.directory, flush=True)
     sys.stdin.read()

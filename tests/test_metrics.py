@@ -20,14 +20,14 @@ from prometheus_client.openmetrics.parser import text_string_to_metric_families 
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 
-from meter.metrics import (
+from meter.records import Outcome, UsageSource
+from meter.sinks.prometheus import (
     OBSERVE_ERROR_KINDS,
     LabelBudget,
     ProxyMetrics,
     error_type,
     exposition_registry,
 )
-from meter.records import Outcome, UsageSource
 from tests.conftest import wait_for
 from tests.conftest_db import make_record
 from tests.support.processes import meter_process, simulator_process
@@ -301,7 +301,7 @@ _WORKER = textwrap.dedent(
     """
     import sys
     from prometheus_client import CollectorRegistry
-    from meter.metrics import ProxyMetrics
+    from meter.sinks.prometheus import ProxyMetrics
     from tests.conftest_db import make_record
 
     metrics = ProxyMetrics(CollectorRegistry())

@@ -14,8 +14,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.observe import Observation, ResponseObserver
 from meter.records import Usage, UsageSource
+from meter.tap.observer import Observation, ResponseObserver
 
 ROOT = Path(__file__).parent.parent
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -698,12 +698,12 @@ def test_never_raises_on_arbitrary_bytes(
 # --- purity --------------------------------------------------------------------------------------------
 
 PURE = [
-    "meter/sse.py",
-    "meter/extract.py",
-    "meter/fireworks_metrics.py",
-    "meter/token_estimate.py",
-    "meter/chunk_templates.py",
-    "meter/observe.py",
+    "meter/tap/sse.py",
+    "meter/tap/usage.py",
+    "meter/tap/fireworks_headers.py",
+    "meter/tap/estimate.py",
+    "meter/tap/templates.py",
+    "meter/tap/observer.py",
     "meter/records.py",
 ]
 FORBIDDEN = {"litestar", "httpx", "aiohttp", "sqlalchemy"}
@@ -725,8 +725,8 @@ def test_pure_modules_import_only_stdlib_orjson_and_meter(path: str) -> None:
 
 def test_importing_the_tap_loads_no_framework() -> None:
     code = (
-        "import sys, meter.sse, meter.extract, meter.fireworks_metrics, meter.token_estimate,"
-        " meter.chunk_templates, meter.observe, meter.records\n"
+        "import sys, meter.tap.sse, meter.tap.usage, meter.tap.fireworks_headers, meter.tap.estimate,"
+        " meter.tap.templates, meter.tap.observer, meter.records\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {sorted(FORBIDDEN)!r}))"
     )
     result = subprocess.run(

@@ -1,5 +1,5 @@
 """The tap's fast paths against its general ones: the SSE decoder's whole-event shortcut and the
-observer's chunk templates (meter.chunk_templates.ChunkTemplate) must give exactly the Observation (timing
+observer's chunk templates (meter.tap.templates.ChunkTemplate) must give exactly the Observation (timing
 included) and the events the long way gives, on the recorded fixtures however they are split, and
 on chunks built to look almost like a template's."""
 
@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.chunk_templates import chunk_template, delta_template
-from meter.observe import Observation, ResponseObserver
-from meter.sse import SSEDecoder, SSEEvent
+from meter.tap.observer import Observation, ResponseObserver
+from meter.tap.sse import SSEDecoder, SSEEvent
+from meter.tap.templates import chunk_template, delta_template
 from tests.test_observe import CASES, IDS, SSE, split_at, untimed
 from tests.test_sse import TRICKY
 
@@ -368,7 +368,7 @@ def test_a_read_of_events_no_template_takes_goes_whole_after_its_first_content()
             return super().feed(data)
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("meter.observe.SSEDecoder", Recording)
+        patch.setattr("meter.tap.observer.SSEDecoder", Recording)
         assert_same(CHAT, reads, SSE)
         fed.clear()
         run(CHAT, reads, SSE)

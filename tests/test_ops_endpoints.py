@@ -9,7 +9,7 @@ import openai
 from click.testing import CliRunner
 from prometheus_client.parser import text_string_to_metric_families
 
-from meter.cli import main
+from meter.cli.main import main
 
 MESSAGES = [{"role": "user", "content": "one two three"}]
 

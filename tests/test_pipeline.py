@@ -24,10 +24,10 @@ from meter.db.engine import create_engine
 from meter.db.insert import write_batch
 from meter.db.models import usage_events
 from meter.db.queries import usage_summary
-from meter.frames import segment_name
-from meter.journal import Journal, JournalLocked, journal_status
-from meter.journal_replay import replay
-from meter.pipeline import Pipeline
+from meter.journal.frames import segment_name
+from meter.journal.store import Journal, JournalLocked, journal_status
+from meter.pipeline.pump import Pipeline
+from meter.pipeline.replay import replay
 from meter.records import UsageRecord
 from tests.conftest_db import make_record
 from tests.test_rollups import assert_rollup_equals_raw, dataset

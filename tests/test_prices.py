@@ -16,14 +16,14 @@ import pytest
 from click.testing import CliRunner
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.billing import PricedCatalog, pick_row, price_record
-from meter.cli_manage import COMMANDS
+from meter.billing.catalog import parse_usd
+from meter.billing.prices import Price, PriceRow, default_price_rows, load_price_file
+from meter.billing.rating import PricedCatalog, pick_row, price_record
+from meter.cli.manage import COMMANDS
 from meter.db import migrate
 from meter.errors import RequestError
-from meter.identity import KeyFingerprinter
-from meter.pricing import Price, PriceRow, default_price_rows, load_price_file
 from meter.tenancy import Tenancy, TenancyConfig
-from meter.tenancy.prices import parse_usd
+from meter.tenancy.identity import KeyFingerprinter
 from tests.conftest_db import make_record
 from tests.test_teams_admin import AUTH, admin_app, asgi_client
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from meter.pricing import (
+from meter.billing.prices import (
     Price,
     PriceCatalog,
     PriceRow,

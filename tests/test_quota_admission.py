@@ -23,7 +23,7 @@ from meter.quota.redis_store import RedisStore, connect
 from meter.quota.spend import Estimate, Spend
 from meter.quota.store import QuotaStore, Refusal, Reservation, Settlement, StoreUnavailable, SubjectState
 from meter.records import Usage
-from meter.request_info import inspect_request
+from meter.tap.request import inspect_request
 from tests.support.processes import free_port
 from tests.test_quota_store import T0, StoreFactory, make_store
 

@@ -15,14 +15,14 @@ import httpx
 import orjson
 import redis
 
-from meter.forward import create_upstream
-from meter.identity import KeyFingerprinter
-from meter.proxy import Proxy
+from meter.forward.handler import Proxy
+from meter.forward.upstream import create_upstream
 from meter.quota.policy import Limits
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.spend import Spend
 from meter.quota.store import Reservation, Settlement
 from meter.records import UsageRecord
+from meter.tenancy.identity import KeyFingerprinter
 from tests.support.serve import serve_in_thread
 from tests.support.upstreams import ScriptedUpstream
 from tests.test_quota_admission import INFO, CountingStore, make_admission

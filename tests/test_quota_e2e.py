@@ -29,9 +29,9 @@ import orjson
 import pytest
 import redis
 
-from meter.pricing import Price
+from meter.billing.prices import Price
 from meter.quota.spend import estimate
-from meter.request_info import inspect_request
+from meter.tap.request import inspect_request
 from tests.conftest import MeterHandle, SimHandle, wait_for
 from tests.support.processes import free_port
 

@@ -15,10 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.tenancy_models import api_keys, teams
 from meter.errors import RequestError
-from meter.identity import KeyFingerprinter
 from meter.quota.policy import Limits, Subject
 from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.errors import NotFound
+from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.store import TenancyStore
 
 FP = KeyFingerprinter(b"0123456789abcdef0123456789abcdef")

@@ -26,7 +26,7 @@ from meter.quota.responses import (
 )
 from meter.quota.spend import Estimate, Spend, actual_spend, estimate, to_micros
 from meter.records import Usage
-from meter.request_info import RequestInfo, inspect_request
+from meter.tap.request import RequestInfo, inspect_request
 
 TEAM = Subject("team", "acme")
 KEY = Subject("key", "ab" * 32)

@@ -19,9 +19,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client import CollectorRegistry
 
 from meter.app import create_app
-from meter.metrics import ProxyMetrics
 from meter.records import Outcome, UsageSource
-from meter.requestlog import (
+from meter.settings import load_settings
+from meter.sinks.prometheus import ProxyMetrics
+from meter.sinks.requestlog import (
     JSON_ATTRIBUTE,
     RequestLog,
     configure_logging,
@@ -29,8 +30,7 @@ from meter.requestlog import (
     format_text,
     resolve_format,
 )
-from meter.settings import load_settings
-from meter.tracing import GenAITracer
+from meter.sinks.tracing import GenAITracer
 from tests.conftest import wait_for
 from tests.conftest_db import make_record
 from tests.support.processes import meter_process

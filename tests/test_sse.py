@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from meter.sse import SSEDecoder, SSEEvent
+from meter.tap.sse import SSEDecoder, SSEEvent
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SSE_FIXTURES = sorted(p.name for p in FIXTURES.glob("*.sse"))

@@ -12,7 +12,6 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.tenancy_models import api_keys, audit_log, teams
 from meter.errors import RequestError
-from meter.identity import KeyFingerprinter
 from meter.tenancy import Tenancy, TenancyConfig, UnknownKeyPolicy
 from meter.tenancy.credentials import UpstreamCredentials, load_credentials_file
 from meter.tenancy.errors import (
@@ -22,6 +21,7 @@ from meter.tenancy.errors import (
     NotFound,
     UpstreamCredentialMissing,
 )
+from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.keys import (
     UNASSIGNED,
     KeyEntry,

@@ -16,13 +16,19 @@ from litestar.exceptions import HTTPException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.admin import admin_router, http_error_handler, meter_error_handler, openapi_config, require_admin
-from meter.admin_manage import manage_router
+from meter.admin.manage import manage_router
+from meter.admin.usage import (
+    admin_router,
+    http_error_handler,
+    meter_error_handler,
+    openapi_config,
+    require_admin,
+)
 from meter.db.tenancy_models import api_keys, audit_log
 from meter.errors import AuthenticationError, MeterError
-from meter.identity import KeyFingerprinter
 from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.audit import admin_actor
+from meter.tenancy.identity import KeyFingerprinter
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -209,16 +215,16 @@ class _Connection:
 
 
 def test_admin_tokens_are_compared_as_fixed_length_digests(monkeypatch):
-    import meter.admin
+    import meter.admin.usage
 
     seen: list[tuple[int, int]] = []
-    real = meter.admin.hmac.compare_digest
+    real = meter.admin.usage.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         seen.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(meter.admin.hmac, "compare_digest", spy)
+    monkeypatch.setattr(meter.admin.usage.hmac, "compare_digest", spy)
     for token in ("x", TOKEN[:-1], "y" * 500, TOKEN):
         coroutine = require_admin(_Connection(token), None)  # type: ignore[arg-type]
         with contextlib.suppress(AuthenticationError, StopIteration):

@@ -39,13 +39,13 @@ from meter.db.engine import create_engine
 from meter.db.models import usage_events
 from meter.settings import load_settings
 from meter.simulator import count_prompt_tokens
-from meter.tracing import GenAITracer
+from meter.sinks.tracing import GenAITracer
 from tests.conftest import MeterHandle, wait_for
 from tests.support.serve import serve_in_thread
 
 pytestmark = pytest.mark.skipif(
     "tenancy" not in Runtime.__dataclass_fields__,
-    reason="needs the teams/keys wiring in meter.app and meter.proxy",
+    reason="needs the teams/keys wiring in meter.app and meter.forward.handler",
 )
 
 ADMIN = "e2e-admin-token-0123456789abcdef"

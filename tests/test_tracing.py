@@ -25,16 +25,16 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
 from meter.app import MeterApp, create_app
-from meter.genai_conventions import provider_name
-from meter.genai_metrics import GenAIMetrics
-from meter.metrics import LabelBudget, ProxyMetrics
 from meter.records import UsageRecord
-from meter.request_info import RequestInfo
-from meter.requestlog import CURRENT_TRACE_ID
 from meter.settings import load_settings
-from meter.span_export import CountingBatchSpanProcessor
-from meter.telemetry_config import TelemetryConfigError, configure_from_environment
-from meter.tracing import GenAITracer
+from meter.sinks.genai_conventions import provider_name
+from meter.sinks.genai_metrics import GenAIMetrics
+from meter.sinks.otel_config import TelemetryConfigError, configure_from_environment
+from meter.sinks.prometheus import LabelBudget, ProxyMetrics
+from meter.sinks.requestlog import CURRENT_TRACE_ID
+from meter.sinks.span_export import CountingBatchSpanProcessor
+from meter.sinks.tracing import GenAITracer
+from meter.tap.request import RequestInfo
 from tests.conftest import wait_for
 from tests.conftest_db import make_record
 from tests.support.serve import serve_in_thread

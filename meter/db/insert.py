@@ -1,12 +1,13 @@
 """Storing usage records in ``usage_events`` (and the ``usage_hourly`` rollup), idempotently, one
 transaction a batch.
 
-:func:`write_payloads` and :func:`write_batch` are the primitives every writer uses (meter.delivery for
-the pipeline's journal pump and replay, and the in-memory :class:`~meter.db.writer.BatchWriter`);
+:func:`write_payloads` and :func:`write_batch` are the primitives every writer uses
+(meter.pipeline.delivery for the pipeline's journal pump and replay, and the in-memory
+:class:`~meter.db.writer.BatchWriter`);
 :func:`~meter.db.poison.write_isolating` adds poison isolation on top.
 
 On PostgreSQL a batch is one statement with one parameter: the records' JSON payloads (exactly as
-the journal holds them, :mod:`meter.payload`) joined into a JSON array, which the server turns into
+the journal holds them, :mod:`meter.journal.payload`) joined into a JSON array, which the server turns into
 rows with ``json_populate_recordset``::
 
     WITH ins AS (INSERT INTO usage_events SELECT ... FROM json_populate_recordset(...)
@@ -52,7 +53,7 @@ from sqlalchemy.sql.dml import Insert
 from meter.db.models import RECORD_FIELDS, make_storable, record_to_row, usage_events
 from meter.db.rollups import ROLLUP_INPUTS, rollup_upsert_sql
 from meter.db.sqlite_json import payloads_document, records_document, sqlite_has_json, write_document
-from meter.payload import decode_row, encode_record, storable_payload
+from meter.journal.payload import decode_row, encode_record, storable_payload
 from meter.records import UsageRecord
 
 __all__ = ["write_batch", "write_payloads"]
@@ -164,7 +165,7 @@ def _postgres_items(payloads: Sequence[bytes]) -> bytes:
 
 
 async def write_payloads(engine: AsyncEngine, payloads: Sequence[bytes]) -> int:
-    """Store the records in ``payloads`` (:func:`meter.payload.encode_record` output) in one
+    """Store the records in ``payloads`` (:func:`meter.journal.payload.encode_record` output) in one
     transaction; return how many were new (the rest were already stored).
 
     Raises whatever the database raises (nothing is retried here), and ``ValueError`` for a payload

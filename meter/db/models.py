@@ -23,7 +23,7 @@ Rule 6: ``usage_hourly`` has one row per (UTC hour, team, key, requested model, 
         ``<name>_records`` count of the records that reported it: a sum over records that reported
         nothing is "not reported", never 0.
 
-Rule 7: money is whole nano-USD (meter.billing): ``usage_events.cost_nanos`` is a record's cost, NULL
+Rule 7: money is whole nano-USD (meter.billing.rating): ``usage_events.cost_nanos`` is a record's cost, NULL
         when unpriced or without usage, with ``price_ref`` naming the price row; ``usage_hourly`` sums
         the costs (0 when nothing was priced) and counts ``unpriced_requests``: records with token
         usage and no cost, which a report shows rather than billing them as $0.
@@ -166,7 +166,7 @@ def record_to_row(record: UsageRecord) -> dict[str, Any]:
 
 def make_storable(row: dict[str, Any]) -> dict[str, Any]:
     """Rule 4, in place on a mapping of every record field (a record's, or a decoded journal
-    payload's); returns ``row``. meter.payload.storable_payload does the same for JSON."""
+    payload's); returns ``row``. meter.journal.payload.storable_payload does the same for JSON."""
     for name, value in row.items():
         if isinstance(value, str) and "\x00" in value:
             row[name] = value.replace("\x00", "\ufffd")

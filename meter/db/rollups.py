@@ -12,7 +12,7 @@ Rule 2: one aggregation, :func:`rollup_upsert_sql`, for every backend and path, 
         ``COUNT`` (records that reported it), so a sum over records that reported nothing stays
         "not reported" rather than 0; ``cost_nanos`` summed (integer nano-USD) and
         ``unpriced_requests`` counted (records with tokens and no cost), so billing reads exact sums.
-        Re-rating adjusts both by differences (meter.tenancy.ledger).
+        Re-rating adjusts both by differences (meter.billing.ledger).
 Rule 3: hours are UTC, in the form each backend stores timestamps (meter.db.types); the key
         columns encode NULL as ``''`` plus a ``null_dims`` bit (meter.db.models, Rule 6).
 Rule 4: rows are upserted in key order, so writers updating the same rollup rows (two batches in
@@ -63,7 +63,7 @@ ROLLUP_INPUTS: tuple[str, ...] = (
     *TOKEN_COLUMNS,
     "cost_nanos",
 )
-# A record that used tokens but has no cost (meter.billing, Rule 3).
+# A record that used tokens but has no cost (meter.billing.rating, Rule 3).
 UNPRICED_SQL = (
     "cost_nanos IS NULL AND (prompt_tokens IS NOT NULL OR completion_tokens IS NOT NULL"
     " OR total_tokens IS NOT NULL)"

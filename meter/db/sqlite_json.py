@@ -40,7 +40,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.models import RECORD_FIELDS, record_to_row
 from meter.db.rollups import rollup_upsert_sql
-from meter.payload import decode_row
+from meter.journal.payload import decode_row
 from meter.records import UsageRecord
 
 __all__ = ["payloads_document", "records_document", "sqlite_has_json", "utc_text", "write_document"]

@@ -5,7 +5,7 @@ change marker every replica polls. Same ``Base`` metadata as :mod:`meter.db.mode
 Invariants:
 
 Rule 1: no secret is stored. A key is kept as its HMAC-SHA256 fingerprint under ``METER_KEY_SECRET``
-        (the same one :mod:`meter.identity` puts on usage records, so a key row and its usage join on
+        (the same one :mod:`meter.tenancy.identity` puts on usage records, so a key row and its usage join on
         ``fingerprint``) plus a display suffix. A team's upstream credential is a *name* that the
         running process resolves from its own configuration (:mod:`meter.tenancy.credentials`).
 Rule 2: every write to ``teams``, ``api_keys`` or ``prices`` bumps ``tenancy_state.version`` in the

@@ -56,7 +56,6 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from meter.metrics import UNASSIGNED, LabelBudget
 from meter.quota.decision import LimitKind
 from meter.quota.periods import period_window, to_ms
 from meter.quota.policy import Limits, Policy, Subject
@@ -64,7 +63,8 @@ from meter.quota.responses import Headers, Rejection, ratelimit_headers, reject,
 from meter.quota.spend import Estimate, PriceFn, Spend, actual_spend, estimate, from_micros
 from meter.quota.store import QuotaStore, Refusal, Reservation, StoreUnavailable, SubjectState
 from meter.records import Usage, new_event_id
-from meter.request_info import RequestInfo
+from meter.sinks.prometheus import UNASSIGNED, LabelBudget
+from meter.tap.request import RequestInfo
 
 log = logging.getLogger("meter.quota")
 

@@ -28,8 +28,8 @@ from zoneinfo import ZoneInfo
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from meter.billing.prices import Price
 from meter.db.engine import describe_error
-from meter.pricing import Price
 from meter.quota.admission import Admission, AdmissionConfig
 from meter.quota.memory import MemoryStore
 from meter.quota.policy import Limits, Subject

@@ -24,7 +24,7 @@ from decimal import ROUND_CEILING, ROUND_HALF_EVEN, Decimal
 from typing import Protocol
 
 from meter.records import Usage
-from meter.request_info import RequestInfo
+from meter.tap.request import RequestInfo
 
 MICROS = Decimal(1_000_000)
 

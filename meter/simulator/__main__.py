@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def serve(config: SimulatorConfig, host: str, port: int) -> None:
     """Serve a simulator until interrupted (``meter simulate`` and ``python -m meter.simulator``)."""
-    from meter.gc_tuning import settle_collector
+    from meter.serving.gc import settle_collector
 
     app = create_simulator(config)
     settle_collector(None)  # the benchmark's upstream: its collector's pauses would count against meter

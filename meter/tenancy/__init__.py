@@ -9,8 +9,8 @@ Modules, in data-flow order:
   of :mod:`~meter.tenancy.team_store` and :mod:`~meter.tenancy.key_store` on
   :mod:`~meter.tenancy.store_base`, with quota limits as stored (:mod:`~meter.tenancy.limits`) and the
   audit log and tenancy version (:mod:`~meter.tenancy.audit`);
-* :mod:`~meter.tenancy.prices`: operator price rows and the price book (with :mod:`meter.billing`);
-* :mod:`~meter.tenancy.ledger`: billing reports and re-rating over stored usage;
+* :mod:`~meter.billing.catalog`: operator price rows and the price book (with :mod:`meter.billing.rating`);
+* :mod:`~meter.billing.ledger`: billing reports and re-rating over stored usage;
 * :mod:`~meter.tenancy.runtime`: :class:`Tenancy`, the composition a running meter holds, and its
   refresh loop.
 * :mod:`~meter.tenancy.errors`: the errors above, in meter's hierarchy.

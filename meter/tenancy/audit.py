@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from meter.db.tenancy_models import audit_log, tenancy_state
 
 if TYPE_CHECKING:
-    from meter.identity import KeyFingerprinter
+    from meter.tenancy.identity import KeyFingerprinter
 
 Clock = Callable[[], datetime]
 

@@ -33,10 +33,10 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meter.db.tenancy_models import api_keys, teams
-from meter.identity import KeyFingerprinter
 from meter.quota.policy import Limits
 from meter.tenancy.credentials import UpstreamCredentials
 from meter.tenancy.errors import DirectoryUnavailable
+from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.keys import KeyEntry, KeyKind, Resolution, UnknownKeyPolicy, resolve
 
 log = logging.getLogger("meter.tenancy")

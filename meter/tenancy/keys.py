@@ -9,7 +9,7 @@ Two kinds of registered key:
   meter swaps it for the team's upstream credential (else the global ``METER_UPSTREAM_API_KEY``);
   the virtual key itself never leaves meter.
 
-Rule 1: keys are compared by their HMAC-SHA256 fingerprint (:class:`meter.identity.KeyFingerprinter`),
+Rule 1: keys are compared by their HMAC-SHA256 fingerprint (:class:`meter.tenancy.identity.KeyFingerprinter`),
         the value usage records carry, so a lookup is one dict hit and a key row joins its usage.
 Rule 2: a key starting with ``mk-`` is a virtual key whatever the policy: unknown, revoked or expired,
         it is refused (401) and never forwarded, so a virtual key cannot leak upstream by mistake.
@@ -29,8 +29,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meter.identity import KeyIdentity
 from meter.tenancy.errors import KeyRejected, UpstreamCredentialMissing
+from meter.tenancy.identity import KeyIdentity
 
 VIRTUAL_PREFIX = "mk-"
 VIRTUAL_RANDOM_BYTES = 32  # 43 URL-safe characters

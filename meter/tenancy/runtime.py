@@ -34,17 +34,17 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.billing import UsageView, price_record
+from meter.billing.catalog import PriceBook
+from meter.billing.prices import PriceRow, default_price_rows
+from meter.billing.rating import UsageView, price_record
 from meter.db.engine import describe_error
-from meter.identity import KeyFingerprinter
-from meter.pricing import PriceRow, default_price_rows
 from meter.quota.policy import Limits, Subject
 from meter.records import Usage, UsageRecord
 from meter.tenancy.audit import current_version
 from meter.tenancy.credentials import UpstreamCredentials
 from meter.tenancy.directory import KeyDirectory
+from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.keys import Resolution, UnknownKeyPolicy
-from meter.tenancy.prices import PriceBook
 from meter.tenancy.store import TenancyStore
 
 log = logging.getLogger("meter.tenancy")
@@ -68,7 +68,7 @@ def config_from_settings(settings: Any) -> TenancyConfig:
     credentials or price file stops start-up with a message naming it. Settings fields used (all
     optional, defaults in brackets): ``unknown_keys`` ["allow"], ``key_directory_refresh`` [2.0],
     ``upstream_api_key``, ``upstream_credentials_file``, ``price_file``."""
-    from meter.pricing import load_price_file
+    from meter.billing.prices import load_price_file
     from meter.settings import SettingsError
     from meter.tenancy.credentials import load_credentials_file
 
@@ -162,7 +162,7 @@ class Tenancy:
     def cost(
         self, started_at: datetime, requested_model: str | None, response_model: str | None, usage: Usage
     ) -> tuple[int | None, str | None]:
-        """``(cost_nanos, price_ref)`` for a record about to be built (meter.billing); the cheaper
+        """``(cost_nanos, price_ref)`` for a record about to be built (meter.billing.rating); the cheaper
         way in for the proxy, which then passes both to the UsageRecord it constructs. Never raises."""
         try:
             return price_record(
@@ -174,7 +174,7 @@ class Tenancy:
 
     def price(self, record: UsageRecord) -> UsageRecord:
         """``record`` with ``cost_nanos`` and ``price_ref`` filled in from the current catalog
-        (meter.billing). Never raises: a pricing bug leaves the record unpriced and logged rather than
+        (meter.billing.rating). Never raises: a pricing bug leaves the record unpriced and logged rather than
         losing it."""
         try:
             cost_nanos, ref = price_record(record, self.prices.catalog)

@@ -4,7 +4,7 @@ audit trail.
 :class:`TenancyStore` is composed of one part per entity: teams (:mod:`~meter.tenancy.team_store`),
 keys (:mod:`~meter.tenancy.key_store`), each with its quota limits (:mod:`~meter.tenancy.limits`), on
 the shared state of :mod:`~meter.tenancy.store_base`; prices and the audit log are added here
-(:mod:`~meter.tenancy.prices`, :mod:`~meter.tenancy.audit`).
+(:mod:`~meter.billing.catalog`, :mod:`~meter.tenancy.audit`).
 
 Rule 1: one transaction per admin action: the change, its ``audit_log`` row, and the bump of
         ``tenancy_state.version`` that tells every replica to reload (meter.db.tenancy_models, Rule 2).
@@ -44,8 +44,8 @@ class TenancyStore(TeamStore, KeyStore):
         effective_from: datetime,
         source: str = "",
     ) -> Any:
-        """See :func:`meter.tenancy.prices.add_price`; this process's catalog reloads at once."""
-        from meter.tenancy.prices import add_price
+        """See :func:`meter.billing.catalog.add_price`; this process's catalog reloads at once."""
+        from meter.billing.catalog import add_price
 
         row = await add_price(
             self.engine,

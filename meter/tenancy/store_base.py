@@ -16,8 +16,8 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.errors import RequestError
-from meter.identity import KeyFingerprinter
 from meter.tenancy.audit import Clock, utc_now
+from meter.tenancy.identity import KeyFingerprinter
 
 
 class StoreBase:

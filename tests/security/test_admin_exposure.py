@@ -10,8 +10,8 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from meter.identity import KeyFingerprinter
 from meter.tenancy.audit import admin_actor
+from meter.tenancy.identity import KeyFingerprinter
 from tests.conftest import MeterHandle, SimHandle
 
 TOKEN = "admin-token-for-exposure-tests-0123"

@@ -1,5 +1,5 @@
 """Credentials: one per request, judged on what is forwarded; a virtual key never leaves meter; header
-bytes pass unchanged (meter.identity, meter.headers)."""
+bytes pass unchanged (meter.tenancy.identity, meter.forward.headers)."""
 
 from __future__ import annotations
 

@@ -1,14 +1,14 @@
 """No failure on the forward path escapes as a plain-text 500: every one is an OpenAI-shaped answer and
-exactly one record (meter.proxy)."""
+exactly one record (meter.forward.handler)."""
 
 from __future__ import annotations
 
 import socket
 import time
 
-from meter.identity import KeyFingerprinter
-from meter.proxy import Proxy
+from meter.forward.handler import Proxy
 from meter.records import UsageRecord
+from meter.tenancy.identity import KeyFingerprinter
 from tests.security.rawhttp import parse_response, raw_request
 from tests.support.serve import serve_in_thread
 
@@ -16,7 +16,7 @@ AUTH = (b"Authorization", b"Bearer fw-errors-test-key-0123456789")
 
 
 class BrokenUpstream:
-    """An upstream client with a bug: ``send`` raises something meter.forward never maps."""
+    """An upstream client with a bug: ``send`` raises something meter.forward.upstream never maps."""
 
     async def start(self) -> None: ...
 

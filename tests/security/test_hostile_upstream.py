@@ -19,11 +19,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from meter.bounds import MARK
-from meter.extract import tail_members
-from meter.fireworks_metrics import fireworks_metrics, perf_metrics
-from meter.observe import DecodeBudget, Observation, ResponseObserver
 from meter.records import UsageSource
-from meter.sse import SSEDecoder
+from meter.tap.fireworks_headers import fireworks_metrics, perf_metrics
+from meter.tap.observer import DecodeBudget, Observation, ResponseObserver
+from meter.tap.sse import SSEDecoder
+from meter.tap.usage import tail_members
 from tests.conftest import MeterHandle
 from tests.support.hostile_upstream import HostileUpstream, MiB, Reply, chunked, gzip_pieces, head
 

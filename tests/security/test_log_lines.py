@@ -10,7 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from meter.requestlog import RequestLog, configure_logging, format_json
+from meter.sinks.requestlog import RequestLog, configure_logging, format_json
 from tests.conftest_db import make_record
 from tests.security.test_output import FORGED
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from meter.cli import main
+from meter.cli.main import main
 from meter.db.insert import write_batch
 from meter.db.report import render
 from tests.conftest_db import make_record, migrated_engine

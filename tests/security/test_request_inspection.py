@@ -1,5 +1,5 @@
 """What meter reserves does not depend on the body's layout; a body it cannot read is forwarded
-unchanged and reserved conservatively (meter.request_info, meter.quota.spend)."""
+unchanged and reserved conservatively (meter.tap.request, meter.quota.spend)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """Request targets: nothing a client sends steers meter to another host, or out of the upstream's base
-path (meter.target). Every refusal is a 400 in the OpenAI error shape, and recorded."""
+path (meter.forward.target). Every refusal is a 400 in the OpenAI error shape, and recorded."""
 
 from __future__ import annotations
 

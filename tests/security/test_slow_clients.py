@@ -1,4 +1,4 @@
-"""Slow and abusive clients against meter's serving edge (meter.http_guard), on a real loopback socket
+"""Slow and abusive clients against meter's serving edge (meter.serving.guard), on a real loopback socket
 behind the server configuration `meter serve` uses: oversized and endless heads, too many headers, heads
 that never finish, idle keep-alives, more connections than allowed; and the normal client unaffected."""
 

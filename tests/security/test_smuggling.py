@@ -1,7 +1,7 @@
 """Request smuggling: ambiguous framing never makes meter forward a request the client hid in another
 one's body. meter reads each request body whole and sends the upstream a freshly framed request, so the
 upstream sees at most what meter itself parsed; ambiguous heads are refused by the HTTP server
-(400 ``malformed_request``, meter.http_guard)."""
+(400 ``malformed_request``, meter.serving.guard)."""
 
 from __future__ import annotations
 

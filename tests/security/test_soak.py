@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from meter.identity import KeyFingerprinter
+from meter.tenancy.identity import KeyFingerprinter
 from tests.conftest import wait_for
 from tests.security.rawhttp import raw_request
 from tests.support.processes import meter_process, simulator_process

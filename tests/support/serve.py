@@ -1,7 +1,7 @@
 """Run a real ASGI app on a loopback socket in a background thread, for tests that need real
 streaming, client disconnects and back-pressure (TestClient and ASGITransport buffer bodies).
 
-Given ``settings``, the server runs as ``meter serve`` runs it (:func:`meter.serving.uvicorn_options`:
+Given ``settings``, the server runs as ``meter serve`` runs it (:func:`meter.serving.options.uvicorn_options`:
 meter's HTTP protocol with its connection limits, on uvloop); without, uvicorn's own httptools protocol
 on asyncio.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import uvicorn
 
-from meter.serving import uvicorn_options
+from meter.serving.options import uvicorn_options
 from meter.settings import Settings
 
 

@@ -1,0 +1,154 @@
+"""The serving edge: how ``meter serve`` runs its ASGI server, and the limits it holds clients to.
+
+Whoever can reach meter's port can open connections and send nothing, send a request head a byte a
+minute, or send megabytes of headers. uvicorn's httptools protocol bounds none of these (its one timer is
+the keep-alive timer, armed after a response), so meter's uvicorn runs
+:class:`meter.serving.guard.GuardedHttpToolsProtocol` with the :class:`ConnectionLimits` below; what each
+limit does is that module's rules. granian enforces what its HTTP/1 settings offer
+(:func:`granian_options` says what that leaves out).
+
+:func:`uvicorn_options` and :func:`granian_options` are the one description of how each server runs
+meter: the CLI passes them on, and tests that need meter's real serving edge use them too.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import resource
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from meter.settings import Settings
+
+log = logging.getLogger("meter.serving.options")
+
+# The ASGI lifespan state key under which the application leaves a ``count(reason)`` callable for the
+# connections' refusals (meter.serving.guard; meter.sinks.prometheus exports them).
+REFUSALS_STATE_KEY = "meter.connection_refusals"
+REFUSAL_REASONS = (
+    "too_many_connections",
+    "head_too_large",
+    "head_timeout",
+    "malformed",
+    "send_timeout",
+)
+
+# File descriptors a serving process needs besides client and upstream connections: listening socket,
+# database, Redis, journal segments, log files, the event loop's own.
+_OTHER_FILES = 128
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """Per serving process (each of ``--workers N`` has its own)."""
+
+    max_head_bytes: int  # request line + header lines
+    max_header_fields: int
+    head_timeout: float  # seconds for a whole request head
+    keepalive_timeout: float  # idle seconds between requests
+    send_timeout: float  # seconds the write buffer may stay full (the client not reading)
+    max_connections: int  # open client connections
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> ConnectionLimits:
+        return cls(
+            max_head_bytes=settings.max_request_head_bytes,
+            max_header_fields=settings.max_request_headers,
+            head_timeout=settings.client_header_timeout,
+            keepalive_timeout=settings.client_keepalive_timeout,
+            send_timeout=settings.client_send_timeout,
+            max_connections=settings.max_client_connections,
+        )
+
+
+def uvicorn_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.run`` / ``uvicorn.Config``: everything but the application, the
+    address, the workers and logging."""
+    from meter.serving.guard import ConnectionGuard, GuardedHttpToolsProtocol
+
+    guard = ConnectionGuard(ConnectionLimits.from_settings(settings))
+    return {
+        "loop": "uvloop",
+        # uvicorn builds each connection's protocol by calling this with keyword arguments, as it would
+        # call a protocol class; a partial of a module-level class pickles, so `--workers N` (spawned
+        # processes) gets it too, each worker with its own guard.
+        "http": functools.partial(GuardedHttpToolsProtocol, guard=guard),
+        "ws": "none",  # meter serves no WebSocket: an Upgrade never takes a connection out of the guard
+        "lifespan": "on",
+        "access_log": False,
+        "server_header": False,  # the upstream's own Server and Date headers pass through instead
+        "date_header": False,
+        # meter never reads the client address; uvicorn's X-Forwarded-* middleware cost ~3% of a core
+        "proxy_headers": False,
+        # the protocol takes the keep-alive timeout from the guard (in fractions of a second too); this is
+        # what uvicorn's own configuration then says
+        "timeout_keep_alive": math.ceil(settings.client_keepalive_timeout),
+        "timeout_graceful_shutdown": int(settings.shutdown_grace),
+        "backlog": 4096,
+    }
+
+
+# hyper's smallest allowed read buffer (granian refuses less)
+GRANIAN_MIN_BUFFER = 8192
+
+
+def granian_options(settings: Settings) -> dict[str, Any]:
+    """Keyword arguments for ``granian.Granian``: everything but the target, the address, the workers and
+    logging.
+
+    What granian 2.8's HTTP/1 server (hyper) does with them, as measured:
+
+    * head size: ``max_buffer_size`` (at least 8 KiB) is the buffer a head must fit into; past it 431;
+    * header count: hyper's fixed 100, whatever METER_MAX_REQUEST_HEADERS says; past it 431;
+    * head deadline: ``header_read_timeout`` runs from a head's first byte, then a plain close (no 408);
+      it also runs from the end of a response, so it is the keep-alive timeout too
+      (METER_CLIENT_KEEPALIVE_TIMEOUT is not applied);
+    * a connection that never sends a byte is never closed;
+    * a client that stops reading a response keeps its connection (METER_CLIENT_SEND_TIMEOUT is not
+      applied: still open after 8 s with 1 s);
+    * connections: ``backpressure`` is the connections a worker holds at once; one more waits,
+      unanswered, in the listen backlog until a slot frees (no 503). Silent connections keep their slots
+      for good, so ``backpressure`` of them lock meter out.
+
+    Refusals are hyper's, with empty bodies, not the OpenAI error shape.
+    """
+    from granian.http import HTTP1Settings
+
+    return {
+        "http1_settings": HTTP1Settings(
+            header_read_timeout=max(1, round(settings.client_header_timeout * 1000)),
+            keep_alive=True,
+            max_buffer_size=max(GRANIAN_MIN_BUFFER, settings.max_request_head_bytes),
+        ),
+        "backpressure": settings.max_client_connections,
+        "workers_kill_timeout": int(settings.shutdown_grace),
+    }
+
+
+def open_files_needed(settings: Settings) -> int:
+    return settings.max_client_connections + settings.upstream_max_connections + _OTHER_FILES
+
+
+def raise_open_file_limit(needed: int) -> int:
+    """Raise this process's soft RLIMIT_NOFILE toward ``needed`` (workers inherit it), as far as the hard
+    limit allows; return the soft limit now in force. Without it a host's common soft limit of 1024
+    would make accept() fail (EMFILE) before the connection limit could answer 503."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= needed:
+        return soft
+    target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+    if target > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft < needed:
+        log.warning(
+            "the open-file limit (%d, hard limit %d) is below the %d that METER_MAX_CLIENT_CONNECTIONS + "
+            "METER_UPSTREAM_MAX_CONNECTIONS need: connections past it fail at accept instead of getting 503",
+            soft,
+            hard,
+            needed,
+        )
+    return soft
