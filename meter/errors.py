@@ -10,9 +10,16 @@ Hierarchy::
     │   ├── MalformedRequest      400: not an HTTP/1.1 request meter can parse (the serving edge)
     │   ├── RequestTimeout        408: the head (serving edge) or the body (forward path) stopped
     │   ├── RequestTooLarge       413
-    │   └── RequestHeadTooLarge   431: request line and headers past their size or count (the serving edge)
+    │   ├── RequestHeadTooLarge   431: request line and headers past their size or count (the serving edge)
+    │   ├── NotFound              404 not_found: no such team, key or price row (admin API)
+    │   └── Conflict              409 conflict: the name or key is taken, the team still has keys
     ├── AuthenticationError       401 (virtual keys, admin API)
+    │   └── KeyRejected           401 invalid_api_key: unknown / revoked / expired virtual key, or a key
+    │                                 nobody registered under METER_UNKNOWN_KEYS=reject
     ├── PermissionDenied          403
+    ├── UpstreamCredentialMissing 500 upstream_credential_missing: a virtual key's team names a
+    │                                 credential this process was not given
+    ├── DirectoryUnavailable      503 key_directory_unavailable: the key directory has not loaded yet
     ├── TooManyConnections        503: the process holds its maximum of client connections (the serving edge)
     └── UpstreamError             5xx: meter could not complete the exchange with the upstream
         ├── UpstreamUnreachable   502: connection refused / DNS / TLS / reset before a response
@@ -21,6 +28,14 @@ Hierarchy::
     InternalError                 500: a fault in meter itself (the forward path answers it, never a
                                   plain-text 500)
 
+Failures inside meter that are never an answer by themselves (each caller maps them: admission to its
+failure policy, the CLI to a message, start-up to an exit)::
+
+    SettingsError (ValueError)    a setting is unknown or malformed; the message names it
+    TelemetryConfigError (ValueError) an OTEL_* variable meter cannot honour
+    StoreUnavailable              the quota store's backend is unreachable or timed out
+    JournalError                  the journal: JournalLocked (another process owns it), JournalClosed
+
 Error *responses* of the upstream are not exceptions: they pass through unchanged. Third-party
 exceptions (aiohttp, httpx) are mapped to these at the edge, in :mod:`meter.forward.upstream`. The
 serving edge's errors (:mod:`meter.serving.guard`) are answered by the HTTP protocol itself, before any
@@ -28,6 +43,8 @@ ASGI request exists.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import orjson
 
@@ -128,3 +145,90 @@ class InternalError(MeterError):
 def error_body(message: str, error_type: str, code: str | None = None, param: str | None = None) -> bytes:
     """The OpenAI error shape: ``{"error": {"message", "type", "param", "code"}}``."""
     return orjson.dumps({"error": {"message": message, "type": error_type, "param": param, "code": code}})
+
+
+class NotFound(RequestError):
+    status_code = 404
+    code = "not_found"
+
+
+class Conflict(RequestError):
+    status_code = 409
+    code = "conflict"
+
+
+class KeyRefusal:
+    """Mixin of the errors that refuse a known key: its team, fingerprint and suffix, for the
+    request's usage record (the message never contains the key)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        team: str = "",
+        fingerprint: str | None = None,
+        suffix: str | None = None,
+    ) -> None:
+        super().__init__(message)  # type: ignore[call-arg]
+        self.team = team
+        self.fingerprint = fingerprint
+        self.suffix = suffix
+
+
+class KeyRejected(KeyRefusal, AuthenticationError):
+    """A presented key meter will not forward."""
+
+
+class UpstreamCredentialMissing(KeyRefusal, MeterError):
+    status_code = 500
+    error_type = "api_error"
+    code = "upstream_credential_missing"
+
+
+class DirectoryUnavailable(MeterError):
+    status_code = 503
+    error_type = "api_error"
+    code = "key_directory_unavailable"
+
+
+# -- failures that are not answers ---------------------------------------------------------------
+
+
+class SettingsError(ValueError):
+    """A setting is unknown or malformed; the message names it."""
+
+
+class TelemetryConfigError(ValueError):
+    """An ``OTEL_*`` variable is malformed or asks for something meter does not ship; names it."""
+
+
+class StoreUnavailable(Exception):
+    """The store's backend could not be reached or did not answer in time (``timed_out``)."""
+
+    def __init__(self, store: str, cause: BaseException | None = None, *, timed_out: bool = False) -> None:
+        super().__init__(f"quota store {store!r} unavailable: {cause!r}")
+        self.store = store
+        self.cause = cause
+        self.timed_out = timed_out
+
+
+class JournalError(Exception):
+    """Base of the journal's own errors."""
+
+
+class JournalLocked(JournalError):
+    """Another process owns the journal directory."""
+
+    def __init__(self, directory: Path, holder: str | None) -> None:
+        self.directory = directory
+        self.holder = holder
+        who = f"another meter process ({holder})" if holder else "another meter process"
+        super().__init__(
+            f"journal directory {directory} is locked by {who}. Each meter process needs a journal "
+            "directory of its own: give every replica its own METER_JOURNAL_DIR, or point workers at a "
+            "shared root and let each claim a subdirectory (w0, w1, ...)."
+        )
+
+
+class JournalClosed(JournalError):
+    """The journal was closed; nothing more can be appended."""

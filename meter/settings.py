@@ -15,10 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-
-class SettingsError(ValueError):
-    """A setting is unknown or malformed; the message names it."""
-
+from meter.errors import SettingsError
 
 DEFAULT_UPSTREAM = "https://api.fireworks.ai/inference"
 DEFAULT_DATABASE = "sqlite:///meter.db"
@@ -283,7 +280,8 @@ def load_settings(environ: Mapping[str, str], **overrides: Any) -> Settings:
         values[field] = _parse(f"{env} (or its flag)", parser, value) if isinstance(value, str) else value
     otel = {name: value for name, value in environ.items() if name.startswith("OTEL_")}
     if otel:
-        from meter.sinks.otel_config import TelemetryConfigError, check_environment
+        from meter.errors import TelemetryConfigError
+        from meter.sinks.otel_config import check_environment
 
         try:
             check_environment(otel)

@@ -8,7 +8,7 @@ import hmac
 
 import pytest
 
-from meter.settings import SettingsError
+from meter.errors import SettingsError
 from meter.tenancy.identity import KeyFingerprinter, bearer_token
 
 SECRET = b"0123456789abcdef-secret"

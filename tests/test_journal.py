@@ -20,14 +20,10 @@ from pathlib import Path
 import orjson
 import pytest
 
+from meter.errors import JournalClosed, JournalLocked
 from meter.journal.frames import Position, segment_name
 from meter.journal.payload import decode_record, encode_record
-from meter.journal.store import (
-    Journal,
-    JournalClosed,
-    JournalLocked,
-    journal_status,
-)
+from meter.journal.store import Journal, journal_status
 from meter.journal.sync import parse_fsync_policy
 from meter.records import Outcome, UsageRecord, UsageSource
 from tests.conftest_db import every_field_record, make_record

@@ -24,8 +24,9 @@ from meter.db.engine import create_engine
 from meter.db.insert import write_batch
 from meter.db.models import usage_events
 from meter.db.queries import usage_summary
+from meter.errors import JournalLocked
 from meter.journal.frames import segment_name
-from meter.journal.store import Journal, JournalLocked, journal_status
+from meter.journal.store import Journal, journal_status
 from meter.pipeline.pump import Pipeline
 from meter.pipeline.replay import replay
 from meter.records import UsageRecord

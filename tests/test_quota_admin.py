@@ -14,10 +14,11 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from meter.errors import StoreUnavailable
 from meter.quota.admission import Admission
 from meter.quota.memory import MemoryStore
 from meter.quota.policy import Limits, Policy
-from meter.quota.store import StoreUnavailable, SubjectState
+from meter.quota.store import SubjectState
 from meter.records import Usage
 from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.audit import admin_actor

@@ -15,13 +15,14 @@ import orjson
 import pytest
 from prometheus_client import CollectorRegistry
 
+from meter.errors import StoreUnavailable
 from meter.quota.admission import UNLIMITED, Admission, AdmissionConfig, AdmissionResult
 from meter.quota.memory import MemoryStore
 from meter.quota.periods import Period
 from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.spend import Estimate, Spend
-from meter.quota.store import QuotaStore, Refusal, Reservation, Settlement, StoreUnavailable, SubjectState
+from meter.quota.store import QuotaStore, Refusal, Reservation, Settlement, SubjectState
 from meter.records import Usage
 from meter.tap.request import inspect_request
 from tests.support.processes import free_port

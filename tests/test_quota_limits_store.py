@@ -14,10 +14,9 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.tenancy_models import api_keys, teams
-from meter.errors import RequestError
+from meter.errors import NotFound, RequestError
 from meter.quota.policy import Limits, Subject
 from meter.tenancy import Tenancy, TenancyConfig
-from meter.tenancy.errors import NotFound
 from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.store import TenancyStore
 

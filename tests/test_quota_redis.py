@@ -16,10 +16,11 @@ from typing import Any
 import pytest
 import redis
 
+from meter.errors import StoreUnavailable
 from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.spend import Spend
-from meter.quota.store import Refusal, Reservation, StoreUnavailable
+from meter.quota.store import Refusal, Reservation
 from tests.support.processes import free_port
 from tests.test_quota_store import EST, EST_MICROS, REDIS_URL, T0, TEAM, RedisHandle, redis_handle, usd
 

@@ -15,12 +15,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from meter.errors import SettingsError
 from meter.quota.policy import Limits
 from meter.quota.redis_batch import ScriptBatcher
 from meter.quota.redis_store import RedisStore, connect
 from meter.quota.runtime import create_store
 from meter.records import Usage
-from meter.settings import SettingsError, load_settings
+from meter.settings import load_settings
 from tests.support.processes import free_port
 from tests.test_quota_admission import FP, INFO, T0, make_admission
 from tests.test_quota_store import REDIS_URL, RedisHandle, redis_handle

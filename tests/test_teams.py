@@ -11,16 +11,16 @@ from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.tenancy_models import api_keys, audit_log, teams
-from meter.errors import RequestError
-from meter.tenancy import Tenancy, TenancyConfig, UnknownKeyPolicy
-from meter.tenancy.credentials import UpstreamCredentials, load_credentials_file
-from meter.tenancy.errors import (
+from meter.errors import (
     Conflict,
     DirectoryUnavailable,
     KeyRejected,
     NotFound,
+    RequestError,
     UpstreamCredentialMissing,
 )
+from meter.tenancy import Tenancy, TenancyConfig, UnknownKeyPolicy
+from meter.tenancy.credentials import UpstreamCredentials, load_credentials_file
 from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.keys import (
     UNASSIGNED,

@@ -25,11 +25,12 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import CollectorRegistry
 
 from meter.app import MeterApp, create_app
+from meter.errors import TelemetryConfigError
 from meter.records import UsageRecord
 from meter.settings import load_settings
 from meter.sinks.genai_conventions import provider_name
 from meter.sinks.genai_metrics import GenAIMetrics
-from meter.sinks.otel_config import TelemetryConfigError, configure_from_environment
+from meter.sinks.otel_config import configure_from_environment
 from meter.sinks.prometheus import LabelBudget, ProxyMetrics
 from meter.sinks.requestlog import CURRENT_TRACE_ID
 from meter.sinks.span_export import CountingBatchSpanProcessor

@@ -34,9 +34,8 @@ from meter.admin.usage import parse_time, require_admin
 from meter.billing.catalog import row_to_json
 from meter.billing.ledger import billing_report, rerate
 from meter.billing.rating import month_range
-from meter.errors import RequestError
+from meter.errors import NotFound, RequestError
 from meter.tenancy.audit import admin_actor
-from meter.tenancy.errors import NotFound
 from meter.tenancy.identity import bearer_token
 from meter.tenancy.keys import KeyKind
 from meter.tenancy.runtime import Tenancy

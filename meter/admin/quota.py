@@ -19,10 +19,10 @@ from typing import Annotated, Any
 from litestar import Request, delete, get, put
 from litestar.params import Body
 
-from meter.errors import MeterError
+from meter.errors import MeterError, StoreUnavailable
 from meter.quota.admission import Admission
 from meter.quota.report import render_status
-from meter.quota.store import StoreUnavailable, SubjectState
+from meter.quota.store import SubjectState
 from meter.tenancy.audit import admin_actor
 from meter.tenancy.identity import bearer_token
 from meter.tenancy.key_store import KeyInfo

@@ -24,9 +24,8 @@ import click
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.errors import MeterError
+from meter.errors import MeterError, SettingsError
 from meter.redact import mask_url
-from meter.settings import SettingsError
 
 T = TypeVar("T")
 FORMAT = click.Choice(["table", "json", "csv"])

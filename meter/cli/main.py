@@ -22,8 +22,9 @@ from typing import Any
 
 import click
 
+from meter.errors import SettingsError
 from meter.redact import mask_url, mask_urls_in
-from meter.settings import Settings, SettingsError, load_settings
+from meter.settings import Settings, load_settings
 
 _WORKER_SETTINGS = "_METER_WORKER_SETTINGS"
 
@@ -370,7 +371,7 @@ def journal_replay_command(directory: str, database_url: str | None, timeout: fl
     """Drain a journal left behind (e.g. by a dead pod) into the database. Idempotent: records already
     stored are not stored twice."""
     from meter.db.engine import create_engine
-    from meter.journal.store import JournalLocked
+    from meter.errors import JournalLocked
     from meter.pipeline.replay import replay
 
     settings = _settings(database_url=database_url)

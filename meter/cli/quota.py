@@ -243,9 +243,9 @@ async def _redis_states(
 ) -> Sequence[tuple[dict[str, Any], Any]]:
     from zoneinfo import ZoneInfo
 
+    from meter.errors import StoreUnavailable
     from meter.quota.policy import Policy
     from meter.quota.redis_store import RedisStore, connect
-    from meter.quota.store import StoreUnavailable
 
     limited = [(who, Policy(subject, limits)) for who, subject, limits in subjects if _limited(limits)]
     store = RedisStore(

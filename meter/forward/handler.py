@@ -58,7 +58,7 @@ from urllib.parse import quote
 
 from meter import bounds
 from meter.bounds import cut, cut_optional
-from meter.errors import InternalError, MeterError, RequestTimeout, RequestTooLarge, UpstreamError
+from meter.errors import InternalError, KeyRefusal, MeterError, RequestTimeout, RequestTooLarge, UpstreamError
 from meter.forward.headers import (
     override_headers,
     replace_headers,
@@ -72,7 +72,6 @@ from meter.forward.upstream import Upstream, UpstreamResponse
 from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
 from meter.tap.observer import DecodeBudget, Observation, ResponseObserver
 from meter.tap.request import EMPTY, RequestInfo, inspect_request
-from meter.tenancy.errors import KeyRefusal
 from meter.tenancy.identity import KeyFingerprinter, request_credential
 
 log = logging.getLogger("meter.forward.handler")

@@ -54,6 +54,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from meter.errors import JournalClosed, JournalError, JournalLocked
 from meter.journal.frames import (
     CHECKPOINT_FILE,
     DEAD_LETTER_FILE,
@@ -90,9 +91,6 @@ __all__ = [
     "Entry",
     "FsyncPolicy",
     "Journal",
-    "JournalClosed",
-    "JournalError",
-    "JournalLocked",
     "JournalReader",
     "JournalStats",
     "JournalStatus",
@@ -110,28 +108,6 @@ logger = logging.getLogger(__name__)
 DEFAULT_SEGMENT_BYTES = 64 * 1024 * 1024
 _LOCK_ATTEMPTS = 3  # journal_status probes the lock with a shared flock for microseconds
 _LOCK_RETRY_S = 0.01
-
-
-class JournalError(Exception):
-    """Base of the journal's own errors."""
-
-
-class JournalLocked(JournalError):
-    """Another process owns the journal directory."""
-
-    def __init__(self, directory: Path, holder: str | None) -> None:
-        self.directory = directory
-        self.holder = holder
-        who = f"another meter process ({holder})" if holder else "another meter process"
-        super().__init__(
-            f"journal directory {directory} is locked by {who}. Each meter process needs a journal "
-            "directory of its own: give every replica its own METER_JOURNAL_DIR, or point workers at a "
-            "shared root and let each claim a subdirectory (w0, w1, ...)."
-        )
-
-
-class JournalClosed(JournalError):
-    """The journal was closed; nothing more can be appended."""
 
 
 # -- the journal ------------------------------------------------------------------------------------

@@ -19,7 +19,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.journal.store import Journal, JournalLocked, journal_directories
+from meter.errors import JournalLocked
+from meter.journal.store import Journal, journal_directories
 from meter.pipeline.pump import Pipeline
 
 
@@ -46,7 +47,7 @@ async def replay(
     """Drain the journal at ``directory`` (or every ``w<N>`` journal under it) into the database.
 
     Takes each journal's lock, so it never races a live owner: a single journal directory that is
-    locked raises :class:`~meter.journal.store.JournalLocked`; under a root, locked subdirectories are
+    locked raises :class:`~meter.errors.JournalLocked`; under a root, locked subdirectories are
     skipped and listed. Idempotent: replaying a journal twice inserts nothing the second time.
     Waits through database outages for up to ``timeout`` seconds (forever if None), then leaves the
     rest in the journal and reports it in ``remaining``.

@@ -18,14 +18,7 @@ from meter.quota.periods import period_window
 from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.responses import Rejection, ratelimit_headers
 from meter.quota.spend import Estimate, Price, PriceFn, Spend, estimate
-from meter.quota.store import (
-    QuotaStore,
-    Refusal,
-    Reservation,
-    Settlement,
-    StoreUnavailable,
-    SubjectState,
-)
+from meter.quota.store import QuotaStore, Refusal, Reservation, Settlement, SubjectState
 
 __all__ = [
     "UNLIMITED",
@@ -47,7 +40,6 @@ __all__ = [
     "Reservation",
     "Settlement",
     "Spend",
-    "StoreUnavailable",
     "Subject",
     "SubjectState",
     "decide",

@@ -56,12 +56,13 @@ from typing import Literal
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
+from meter.errors import StoreUnavailable
 from meter.quota.decision import LimitKind
 from meter.quota.periods import period_window, to_ms
 from meter.quota.policy import Limits, Policy, Subject
 from meter.quota.responses import Headers, Rejection, ratelimit_headers, reject, unavailable
 from meter.quota.spend import Estimate, PriceFn, Spend, actual_spend, estimate, from_micros
-from meter.quota.store import QuotaStore, Refusal, Reservation, StoreUnavailable, SubjectState
+from meter.quota.store import QuotaStore, Refusal, Reservation, SubjectState
 from meter.records import Usage, new_event_id
 from meter.sinks.prometheus import UNASSIGNED, LabelBudget
 from meter.tap.request import RequestInfo

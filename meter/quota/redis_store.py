@@ -9,7 +9,7 @@ a settle waits up to ``settle_linger`` seconds to travel with the next reserve (
 reservation that much longer: conservative).
 
 Failure: any error reaching Redis (refused, reset, timeout, READONLY, OOM) raises
-:class:`~meter.quota.store.StoreUnavailable`; the failure policy is admission's. The client should not
+:class:`~meter.errors.StoreUnavailable`; the failure policy is admission's. The client should not
 retry by itself (:func:`connect` turns redis-py's retries off): a retry would wait on the request
 path. Both scripts are safe to repeat anyway: a ``reserve`` replayed with the same id reserves once
 (``settle`` is idempotent by store Rule 2). A reserve whose reply is lost to a timeout holds its
@@ -34,6 +34,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from meter.errors import StoreUnavailable
 from meter.quota import scripts
 from meter.quota.decision import BUDGET_KINDS, KIND_BY_RANK, Breach, Counters, LimitKind
 from meter.quota.periods import Period, from_ms, period_window, to_ms
@@ -49,7 +50,6 @@ from meter.quota.store import (
     Refusal,
     Reservation,
     Settlement,
-    StoreUnavailable,
     SubjectState,
 )
 from meter.records import new_event_id

@@ -41,16 +41,6 @@ BUDGET_GRACE_MS = 2 * 86_400_000  # budget counters outlive their period by this
 CONCURRENCY_RETRY_MS = 1000  # retry hint for a concurrency refusal (we cannot know when one ends)
 
 
-class StoreUnavailable(Exception):
-    """The store's backend could not be reached or did not answer in time (``timed_out``)."""
-
-    def __init__(self, store: str, cause: BaseException | None = None, *, timed_out: bool = False) -> None:
-        super().__init__(f"quota store {store!r} unavailable: {cause!r}")
-        self.store = store
-        self.cause = cause
-        self.timed_out = timed_out
-
-
 @dataclass(frozen=True, slots=True)
 class Hold:
     """One subject's share of a reservation."""

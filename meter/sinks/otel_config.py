@@ -34,13 +34,10 @@ from opentelemetry.sdk.trace import sampling as sampling_api
 from opentelemetry.sdk.trace.export import ConsoleSpanExporter, SpanExporter
 
 from meter import __version__
+from meter.errors import TelemetryConfigError
 from meter.sinks.prometheus import ProxyMetrics
 from meter.sinks.span_export import CountingBatchSpanProcessor
 from meter.sinks.tracing import GenAITracer
-
-
-class TelemetryConfigError(ValueError):
-    """An ``OTEL_*`` variable is malformed or asks for something meter does not ship; names it."""
 
 
 def _flag(environ: Mapping[str, str], name: str) -> bool:

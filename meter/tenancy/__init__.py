@@ -13,7 +13,7 @@ Modules, in data-flow order:
 * :mod:`~meter.billing.ledger`: billing reports and re-rating over stored usage;
 * :mod:`~meter.tenancy.runtime`: :class:`Tenancy`, the composition a running meter holds, and its
   refresh loop.
-* :mod:`~meter.tenancy.errors`: the errors above, in meter's hierarchy.
+* the errors above live in :mod:`meter.errors` with the rest of the hierarchy.
 """
 
 from __future__ import annotations

@@ -33,9 +33,9 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meter.db.tenancy_models import api_keys, teams
+from meter.errors import DirectoryUnavailable
 from meter.quota.policy import Limits
 from meter.tenancy.credentials import UpstreamCredentials
-from meter.tenancy.errors import DirectoryUnavailable
 from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.keys import KeyEntry, KeyKind, Resolution, UnknownKeyPolicy, resolve
 

@@ -28,8 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from meter.errors import InvalidCredentials
-from meter.settings import Settings, SettingsError
+from meter.errors import InvalidCredentials, SettingsError
+from meter.settings import Settings
 
 CREDENTIAL_HEADERS = frozenset({b"authorization", b"api-key", b"x-api-key"})
 SUFFIX_MIN_KEY_CHARS = 24

@@ -21,10 +21,9 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from meter.db.tenancy_models import api_keys, teams
-from meter.errors import RequestError
+from meter.errors import Conflict, NotFound, RequestError
 from meter.quota.policy import Limits
 from meter.tenancy.audit import record_change
-from meter.tenancy.errors import Conflict, NotFound
 from meter.tenancy.keys import KeyKind, is_virtual, new_virtual_key
 from meter.tenancy.limits import limits_json, parse_limits, stored_limits
 from meter.tenancy.store_base import StoreBase, aware, text

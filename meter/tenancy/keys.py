@@ -29,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from meter.tenancy.errors import KeyRejected, UpstreamCredentialMissing
+from meter.errors import KeyRejected, UpstreamCredentialMissing
 from meter.tenancy.identity import KeyIdentity
 
 VIRTUAL_PREFIX = "mk-"

@@ -69,7 +69,7 @@ def config_from_settings(settings: Any) -> TenancyConfig:
     optional, defaults in brackets): ``unknown_keys`` ["allow"], ``key_directory_refresh`` [2.0],
     ``upstream_api_key``, ``upstream_credentials_file``, ``price_file``."""
     from meter.billing.prices import load_price_file
-    from meter.settings import SettingsError
+    from meter.errors import SettingsError
     from meter.tenancy.credentials import load_credentials_file
 
     credentials_file = getattr(settings, "upstream_credentials_file", None)

@@ -18,7 +18,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meter.app import create_app
-from meter.settings import SettingsError, load_settings
+from meter.errors import SettingsError
+from meter.settings import load_settings
 from meter.simulator import SimulatorConfig, create_simulator
 from tests.conftest import wait_for
 from tests.security.wire import Wire, not_before, request
