@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -82,7 +82,6 @@ class Runtime:
     tenancy: Tenancy | None = None
     quotas: Quotas | None = None
     sinks: list[Callable[[UsageRecord], None]] = field(default_factory=list)  # telemetry, after metrics
-    extra_sinks: list[Any] = field(default_factory=list)
 
     def journal(self, record: UsageRecord) -> None:
         """Billing data: the durable step, which the proxy takes before the response's last byte."""
@@ -92,7 +91,7 @@ class Runtime:
     def observe(self, record: UsageRecord) -> None:
         """Metrics, request log, OpenTelemetry: the proxy calls this once the response is out (no
         client waits on them). A failing sink is logged; it never costs a record or another sink."""
-        for sink in (self.metrics.observe, *self.sinks, *self.extra_sinks):
+        for sink in (self.metrics.observe, *self.sinks):
             try:
                 sink(record)
             except Exception:
@@ -130,9 +129,12 @@ def create_app(
     registry: CollectorRegistry | None = None,
     tracer: GenAITracer | None = None,
     meter_provider: MeterProvider | None = None,
+    sinks: Sequence[Callable[[UsageRecord], None]] = (),
 ) -> MeterApp:
-    """``tracer`` / ``meter_provider``: OpenTelemetry set up by the caller (tests: in-memory exporters);
-    when both are None, ``settings.otel_environment`` decides (off unless it configures an exporter)."""
+    """``tracer`` / ``meter_provider``: OpenTelemetry set up by the caller (an embedding application,
+    or in-memory exporters); when both are None, ``settings.otel_environment`` decides (off unless it
+    configures an exporter). ``sinks``: more usage sinks, run after the built-in ones for every record
+    once its response is out (Rule 5 of :mod:`meter.forward.handler`)."""
     registry = registry if registry is not None else CollectorRegistry()
     metrics = ProxyMetrics(registry)
     if tracer is None and meter_provider is None and settings.otel_environment:
@@ -179,6 +181,7 @@ def create_app(
                 team_label=metrics.team_label,
             )
         )
+    runtime.sinks.extend(sinks)
 
     async def readiness_check() -> dict[str, Any]:
         if runtime.engine is None or runtime.pipeline is None:

@@ -12,9 +12,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from meter.app import MeterApp, create_app
-from meter.records import UsageRecord
 from meter.settings import load_settings
 from meter.simulator import Simulator, SimulatorConfig, create_simulator
+from tests.support.durable import durable_event_ids
 from tests.support.serve import RunningServer, serve_in_thread
 from tests.support.upstreams import ScriptedUpstream
 
@@ -48,7 +48,7 @@ class MeterHandle:
     server: RunningServer
     app: MeterApp
     db_path: Path
-    emitted: list[UsageRecord]
+    journal_root: Path
 
     @property
     def url(self) -> str:
@@ -71,6 +71,10 @@ class MeterHandle:
         assert len(rows) == expected, f"expected exactly {expected} rows, found {len(rows)}"
         return rows
 
+    def durable(self) -> list[str]:
+        """Event ids of the records meter has made durable so far (journal or database), at once."""
+        return durable_event_ids(self.journal_root, self.db_path)
+
 
 @pytest.fixture
 def simulator() -> Iterator[SimHandle]:
@@ -86,34 +90,24 @@ def scripted() -> Iterator[tuple[ScriptedUpstream, RunningServer]]:
         yield upstream, server
 
 
-def journaled(app: MeterApp) -> list[UsageRecord]:
-    """The records of a started app, taken as the journal takes them: before the response's last byte,
-    so a test that got its response finds the record here (the sinks run just after that byte)."""
-    emitted: list[UsageRecord] = []
-    pipeline = app.runtime.pipeline
-    assert pipeline is not None, "the app's lifespan has not started its pipeline"
-    submit = pipeline.submit
-
-    def tap(record: UsageRecord) -> None:
-        emitted.append(record)
-        submit(record)
-
-    pipeline.submit = tap  # type: ignore[method-assign]
-    return emitted
-
-
 @pytest.fixture
 def start_meter(tmp_path: Path) -> Iterator[Callable[..., MeterHandle]]:
     with ExitStack() as stack:
 
         def start(upstream_url: str, **overrides: Any) -> MeterHandle:
-            db_path = tmp_path / f"meter-{len(stack._exit_callbacks)}.db"
-            environ = {"METER_DATABASE_URL": f"sqlite:///{db_path}", "METER_UPSTREAM_URL": upstream_url}
+            n = len(stack._exit_callbacks)
+            db_path = tmp_path / f"meter-{n}.db"
+            environ = {
+                "METER_DATABASE_URL": f"sqlite:///{db_path}",
+                "METER_UPSTREAM_URL": upstream_url,
+                "METER_JOURNAL_DIR": str(tmp_path / f"journal-{n}"),
+            }
             settings = load_settings(environ, **overrides)
             app = create_app(settings, registry=CollectorRegistry())
             # served as `meter serve` serves it: meter's HTTP protocol with its connection limits
             server = stack.enter_context(serve_in_thread(app, lifespan="on", settings=settings))
-            return MeterHandle(server, app, db_path, journaled(app))
+            assert settings.journal_dir is not None
+            return MeterHandle(server, app, db_path, Path(settings.journal_dir))
 
         yield start
 

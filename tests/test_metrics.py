@@ -282,7 +282,7 @@ def test_exposition_passes_promtool_and_parses_as_openmetrics(meter):
     client.post("/chat/completions", json=body)
     client.post("/chat/completions", json={**body, "stream": True})
     client.post("/chat/completions", json=body, headers={"x-sim-error": "503"})
-    wait_for(lambda: len(meter.emitted) == 3, message="3 records")
+    meter.rows(3)
     text = httpx.get(f"{meter.url}/metrics").text
     assert key not in text and key[-4:] not in text
     check = subprocess.run(

@@ -8,8 +8,6 @@ from __future__ import annotations
 import gzip
 import json
 import zlib
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import orjson
@@ -30,15 +28,6 @@ STREAM_IDS = [case[0] for case in STREAM_CASES]
 CHAT = "/v1/chat/completions"
 
 
-@contextmanager
-def general_paths() -> Iterator[None]:
-    """Switch every fast path off (the class switches the modules provide for this comparison)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(SSEDecoder, "_FAST", False)
-        patch.setattr(ResponseObserver, "_FAST", False)
-        yield
-
-
 class Counting(ResponseObserver):
     """A ResponseObserver that counts the events it decoded the long way."""
 
@@ -54,11 +43,16 @@ class Counting(ResponseObserver):
 
 
 def run(
-    endpoint: str, chunks: list[bytes], headers: dict[str, str], *, aborted: bool = False
+    endpoint: str, chunks: list[bytes], headers: dict[str, str], *, aborted: bool = False, fast: bool = True
 ) -> tuple[Observation, list[str], int]:
     errors: list[str] = []
     observer = Counting(
-        endpoint, status_code=200, headers=headers, prompt_tokens_estimate=7, on_error=errors.append
+        endpoint,
+        status_code=200,
+        headers=headers,
+        prompt_tokens_estimate=7,
+        on_error=errors.append,
+        fast=fast,
     )
     for i, chunk in enumerate(chunks):
         observer.feed(chunk, float(i))
@@ -70,8 +64,7 @@ def assert_same(endpoint: str, chunks: list[bytes], headers: dict[str, str], *, 
     one at a time (which no fast path can take: an independent reference). Returns how many events
     the fast run decoded the long way."""
     fast, fast_errors, decoded = run(endpoint, chunks, headers, aborted=aborted)
-    with general_paths():
-        general, general_errors, _ = run(endpoint, chunks, headers, aborted=aborted)
+    general, general_errors, _ = run(endpoint, chunks, headers, aborted=aborted, fast=False)
     assert fast == general
     assert fast_errors == general_errors
     if "content-encoding" not in headers:
@@ -91,8 +84,8 @@ def events_of(data: bytes) -> list[bytes]:
 # -- the SSE decoder ---------------------------------------------------------------------------------
 
 
-def decode(chunks: list[bytes]) -> list[SSEEvent]:
-    decoder = SSEDecoder()
+def decode(chunks: list[bytes], *, fast: bool = True) -> list[SSEEvent]:
+    decoder = SSEDecoder(fast=fast)
     events: list[SSEEvent] = []
     for chunk in chunks:
         events += decoder.feed(chunk)
@@ -101,8 +94,7 @@ def decode(chunks: list[bytes]) -> list[SSEEvent]:
 
 def decode_both(chunks: list[bytes]) -> list[SSEEvent]:
     fast = decode(chunks)
-    with general_paths():
-        assert decode(chunks) == fast
+    assert decode(chunks, fast=False) == fast
     return fast
 
 

@@ -187,7 +187,7 @@ def test_every_dashboard_and_alert_expression_returns_series(tmp_path, start_met
         sent = drive_traffic(meter.base_url, seconds=6)
         assert sent > 100
         print(f"\n{sent} requests")
-        wait_for(lambda: len(meter.emitted) == sent, 20, "a record for every request")
+        meter.rows(sent, timeout=20)  # a record for every request
         wait_for(
             lambda: _scalar(prometheus, "sum(meter_requests_total)") == sent,
             20,

@@ -86,14 +86,14 @@ def traced(tmp_path: Path, simulator) -> Iterator[Traced]:
     settings = load_settings(
         {"METER_DATABASE_URL": f"sqlite:///{tmp_path / 'meter.db'}", "METER_UPSTREAM_URL": simulator.url}
     )
+    emitted: list[UsageRecord] = []
     app = create_app(
         settings,
         registry=CollectorRegistry(),
         tracer=GenAITracer(provider, upstream_url=simulator.url),
         meter_provider=MeterProvider(metric_readers=[reader]),
+        sinks=[emitted.append],
     )
-    emitted: list[UsageRecord] = []
-    app.runtime.extra_sinks.append(emitted.append)
     with serve_in_thread(app, lifespan="on") as server:
         yield Traced(server.url, app, spans, reader, emitted)
 
@@ -317,9 +317,8 @@ def test_a_failing_tracer_never_breaks_forwarding(tmp_path, simulator, caplog):
         {"METER_DATABASE_URL": f"sqlite:///{tmp_path / 'meter.db'}", "METER_UPSTREAM_URL": simulator.url}
     )
     tracer = GenAITracer(_BrokenProvider(), upstream_url=simulator.url)  # type: ignore[arg-type]
-    app = create_app(settings, registry=CollectorRegistry(), tracer=tracer)
     emitted: list[UsageRecord] = []
-    app.runtime.extra_sinks.append(emitted.append)
+    app = create_app(settings, registry=CollectorRegistry(), tracer=tracer, sinks=[emitted.append])
     with serve_in_thread(app, lifespan="on") as server:
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0)
         for _ in range(3):

@@ -1,10 +1,10 @@
-"""meter's database sink: schema, migrations, the background batch writer, and report queries.
+"""meter's database: schema, migrations, writing records (for the pipeline), and report queries.
 
 Modules, in data-flow order: :mod:`~meter.db.engine` (URLs, engines, ping),
 :mod:`~meter.db.models`, :mod:`~meter.db.tenancy_models` and :mod:`~meter.db.types` (schema),
 :mod:`~meter.db.migrate` (Alembic),
-:mod:`~meter.db.insert`, :mod:`~meter.db.sqlite_json` and :mod:`~meter.db.poison` (records in),
-:mod:`~meter.db.writer` (the in-memory batch writer), :mod:`~meter.db.queries` (reports out),
+:mod:`~meter.db.insert`, :mod:`~meter.db.sqlite_json` and :mod:`~meter.db.poison` (records in, called
+by :mod:`meter.pipeline.delivery`), :mod:`~meter.db.queries` (reports out),
 :mod:`~meter.db.report` (rendering, pure).
 """
 
@@ -16,10 +16,8 @@ from meter.db.insert import write_batch
 from meter.db.migrate import current, downgrade, head, upgrade
 from meter.db.queries import recent_requests, usage_summary
 from meter.db.report import render
-from meter.db.writer import BatchWriter
 
 __all__ = [
-    "BatchWriter",
     "create_engine",
     "current",
     "downgrade",

@@ -1,9 +1,8 @@
 """Storing usage records in ``usage_events`` (and the ``usage_hourly`` rollup), idempotently, one
 transaction a batch.
 
-:func:`write_payloads` and :func:`write_batch` are the primitives every writer uses
-(meter.pipeline.delivery for the pipeline's journal pump and replay, and the in-memory
-:class:`~meter.db.writer.BatchWriter`);
+:func:`write_payloads` and :func:`write_batch` are the primitives the pipeline writes with
+(meter.pipeline.delivery, for the journal pump and replay);
 :func:`~meter.db.poison.write_isolating` adds poison isolation on top.
 
 On PostgreSQL a batch is one statement with one parameter: the records' JSON payloads (exactly as

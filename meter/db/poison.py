@@ -5,8 +5,7 @@ A record error (:func:`is_record_error`) blames the records being written: SQLST
 exception" or 23 "integrity constraint violation", or a value the driver cannot encode (nothing
 reached the server). Any other error (database unreachable, timing out, refusing the statement as a
 whole: missing table, lost connection, read-only standby, ...) blames the database.
-:func:`write_isolating` serves meter.pipeline.delivery (the pipeline's journal pump);
-:class:`~meter.db.writer.BatchWriter` bisects its in-memory records the same way.
+:func:`write_isolating` serves meter.pipeline.delivery (the pipeline's journal pump).
 
 Rule 1: a record error splits the batch in halves until the offending records are isolated; the
         others are written. Without this one bad record would block every later record forever.

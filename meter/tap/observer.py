@@ -246,6 +246,7 @@ class ResponseObserver:
         "_done",
         "_endpoint",
         "_facts",
+        "_fast",
         "_fed",
         "_first_content_at",
         "_header_metrics",
@@ -281,8 +282,12 @@ class ResponseObserver:
         on_error: Callable[[str], None] | None = None,
         max_body_bytes: int = 1 << 20,
         budget: DecodeBudget = _DEFAULT_BUDGET,
+        fast: bool = True,
     ) -> None:
-        """``max_body_bytes``: the largest body or event parsed whole (Rule 6)."""
+        """``max_body_bytes``: the largest body or event parsed whole (Rule 6). ``fast=False`` turns
+        the fast paths off (the SSE decoder's shortcut and the templates): the general path alone,
+        which gives the same Observation, and against which the fast paths are tested."""
+        self._fast = fast
         self._endpoint = endpoint_of(endpoint)
         self._status_code = status_code
         # Read what we need now: the caller's mapping may change after we return.
@@ -310,10 +315,10 @@ class ResponseObserver:
         self._template: _Template | None = None  # see _take
         self._at_boundary = False  # the decoder is at an event boundary (SSEDecoder.at_boundary)
         self._done = False  # the stream's "data: [DONE]" event was seen
-        self._template_tries = _TEMPLATE_TRIES if self._FAST else 0
+        self._template_tries = _TEMPLATE_TRIES if fast else 0
         self._apart = True  # reads of several events may be taken apart (see _take_events_apart)
         if self._streamed:
-            self._decoder = SSEDecoder(max_lines=_STEP_LINES)
+            self._decoder = SSEDecoder(max_lines=_STEP_LINES, fast=fast)
         try:
             understood, inflater, deflate = _inflater(headers.get("content-encoding", ""))
         except zlib.error:  # pragma: no cover - zlib refusing valid parameters
@@ -328,8 +333,6 @@ class ResponseObserver:
             self._waiting = b""  # encoded bytes left for the next steps
         if deflate:
             self._deflate_head = bytearray()
-
-    _FAST = True  # class switch for tests that compare the fast paths with the general ones
 
     # --- feeding ------------------------------------------------------------------------------
 
@@ -399,7 +402,7 @@ class ResponseObserver:
                 ):
                     self._stop("decode_budget")  # too many lines, bytes or events (each a parse)
                     return
-                self._at_boundary = self._FAST and decoder.at_boundary
+                self._at_boundary = self._fast and decoder.at_boundary
                 if events:
                     chars += self._events(events)
             if chars and self._first_content_at is None:

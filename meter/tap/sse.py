@@ -58,6 +58,7 @@ class SSEDecoder:
         "_at_start",
         "_data",
         "_event",
+        "_fast",
         "_last_id",
         "_max_lines",
         "_partial",
@@ -66,8 +67,10 @@ class SSEDecoder:
         "overflowed",
     )
 
-    def __init__(self, *, max_lines: int | None = None) -> None:
-        """``max_lines``: see Rule 6 (None: no bound)."""
+    def __init__(self, *, max_lines: int | None = None, fast: bool = True) -> None:
+        """``max_lines``: see Rule 6 (None: no bound). ``fast=False`` turns the whole-event shortcut
+        off (the general path alone, against which the shortcut is tested)."""
+        self._fast = fast
         self._max_lines = max_lines if max_lines is not None else 1 << 62
         self.overflowed = False  # a feed held more lines than max_lines allows (Rule 6)
         self._partial: list[bytes] = []  # pieces of the unterminated last line (no CR/LF inside)
@@ -97,8 +100,6 @@ class SSEDecoder:
         data = self._data
         return self._partial_len + (sum(map(len, data)) + len(data) if data else 0)
 
-    _FAST = True  # class switch: tests compare the fast path with the general one
-
     @property
     def at_boundary(self) -> bool:
         """Nothing pending and the stream's start decided: the next byte begins a new line of a new
@@ -111,8 +112,8 @@ class SSEDecoder:
             and data[:6] == b"data: "
             and data.count(b"\n") == 2
             and b"\r" not in data
+            and self._fast
             and self.at_boundary
-            and self._FAST
         ):
             return [SSEEvent(data[6:-2].decode("utf-8", "replace"), None, self._last_id)]
         return self._feed_lines(data)
