@@ -43,7 +43,7 @@ class Settings:
     client_body_timeout: float = 60.0  # seconds between two reads of a request body (then 408)
     shutdown_grace: float = 30.0  # seconds SIGTERM waits for in-flight requests
     # Client connections, per serving process (meter.serving.options; defaults after nginx's, reasons
-    # in the README).
+    # in docs/security.md).
     max_request_head_bytes: int = 32 * 1024  # request line + header lines; then 431
     max_request_headers: int = 100  # header fields in one request; then 431
     client_header_timeout: float = 60.0  # seconds for a whole request head; then 408 (or a plain close)
@@ -59,12 +59,12 @@ class Settings:
     # prometheus-client's multiprocess directory (PROMETHEUS_MULTIPROC_DIR; `meter serve --workers N`
     # points it at a fresh directory when unset).
     metrics_multiprocess_dir: str | None = None
-    auto_migrate: bool = True  # run migrations at start (SQLite: always sensible; PostgreSQL: see README)
+    auto_migrate: bool = True  # migrate at start (SQLite: always sensible; PostgreSQL: docs/deployment.md)
     journal_dir: str | None = None  # None: "meter-journal" beside the SQLite file, else ./meter-journal
     journal_fsync: str = "100"  # milliseconds between group fsyncs, or "always"
     journal_segment_bytes: int = 64 * 1024 * 1024
     journal_min_free_bytes: int = 64 * 1024 * 1024  # /readyz fails below this much free disk
-    writer_batch_size: int = 250  # peak RSS follows it: the README's "Performance"
+    writer_batch_size: int = 250  # peak RSS follows it: docs/performance.md
     writer_flush_interval: float = 0.05
     writer_concurrency: int | None = None  # batches in flight; None: 2 on PostgreSQL, 1 on SQLite
     retention_days: float | None = None  # delete raw usage events older than this (rollups are kept)

@@ -132,7 +132,7 @@ def test_dockerfile_environment_is_meters_own() -> None:
     settings = assert_meter_accepts(env, "Dockerfile ENV")
     assert settings.host == "0.0.0.0"  # reachable from outside the container
     assert settings.journal_dir and settings.journal_dir.startswith("/var/lib/meter/")
-    assert dockerfile_env()["MALLOC_ARENA_MAX"] == "2"  # the README's RSS figures assume it
+    assert dockerfile_env()["MALLOC_ARENA_MAX"] == "2"  # docs/performance.md's RSS figures assume it
 
 
 def test_dockerfile_runs_meter_serve_as_a_non_root_user() -> None:

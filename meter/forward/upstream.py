@@ -2,8 +2,8 @@
 
 Three interchangeable clients sit behind :class:`Upstream` (setting ``METER_UPSTREAM_CLIENT``):
 
-* ``aiohttp`` (default): aiohttp's client directly. The fastest on the benchmark (see README), which is
-  why the forward path uses it rather than httpx's default transport.
+* ``aiohttp`` (default): aiohttp's client directly. The fastest on the benchmark
+  (docs/performance.md), which is why the forward path uses it rather than httpx's default transport.
 * ``httpx``: httpx with its default (httpcore) transport.
 * ``httpx-aiohttp``: httpx's API over the ``httpx-aiohttp`` transport.
 

@@ -1,6 +1,6 @@
 """`meter serve --server granian`: the limits granian's HTTP/1 settings can carry
 (meter.serving.options.granian_options), on a real process. What granian cannot enforce is documented
-there and in the README; these tests pin what it does."""
+there and in docs/security.md; these tests pin what it does."""
 
 from __future__ import annotations
 
