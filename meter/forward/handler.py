@@ -1,11 +1,16 @@
 """The forward path: a raw ASGI handler for every path that is not meter's own.
 
-request in → read body → identity → forward → relay + observe → exactly one UsageRecord
+request in → read body → identity → admit → forward → relay + observe → exactly one UsageRecord
+
+The request's life is the state machine of :mod:`meter.forward.exchange`; :meth:`Proxy._advance` is its
+one transition function, and the only place that records, settles and publishes.
 
 Rule 1 (transparent): the request body is forwarded byte for byte; status, end-to-end headers and body
         bytes of the response reach the client unchanged, each upstream chunk sent the moment it arrives.
-Rule 2 (exactly one record): every request that reached this handler is emitted exactly once, from a
-        ``finally``, whatever happened: completed, upstream error, meter error, or client gone.
+Rule 2 (exactly one record): every request that reached this handler ends exactly once (COMPLETE,
+        ABORTED or FAILED), whatever happened, and its record is journaled on that transition: where
+        the path ends it, or from a ``finally`` that ends what is still open. meter's own answers
+        (errors, quota refusals) are recorded before they are sent.
 Rule 3 (observing never breaks forwarding): a chunk is sent to the client before the observer sees it,
         and the observer never raises. The exception is a chunk that may complete the response in the
         client's eyes (Rule 2's record comes first): the last of a Content-Length body, or one holding
@@ -17,8 +22,8 @@ Rule 4 (the client leaving stops the upstream): a watcher task waits for ``http.
         client that left earlier is noticed then, so the upstream stops at most that much later.
 Rule 5 (the hot path never waits on a sink): ``emit`` (the journal append, the one step a record's
         durability needs) must return at once (the writer queues); ``observe`` (metrics, request log,
-        OpenTelemetry) and the span's end run once per record after the response's last byte was
-        sent, or from the ``finally`` when there was none: no client waits for them.
+        OpenTelemetry) and the span's end run on the PUBLISHED transition, after the response's
+        last byte was sent, or from the ``finally`` when there was none: no client waits for them.
 Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admitted after its key is
         resolved and before anything is sent upstream; a refused one gets the hook's 429/503 and is
         recorded as ``rejected``. An admitted request's reservation is settled exactly once with what
@@ -57,8 +62,9 @@ from typing import Any
 from urllib.parse import quote
 
 from meter import bounds
-from meter.bounds import cut, cut_optional
+from meter.bounds import cut
 from meter.errors import InternalError, KeyRefusal, MeterError, RequestTimeout, RequestTooLarge, UpstreamError
+from meter.forward.exchange import ENDS, Exchange, Phase, Scope, advance, build_record, reduced_record
 from meter.forward.headers import (
     override_headers,
     replace_headers,
@@ -66,12 +72,12 @@ from meter.forward.headers import (
     swap_credential,
     upstream_request_headers,
 )
-from meter.forward.ports import QuotaHook, Scope, TenancyHook, TraceHook, settlement_usage
+from meter.forward.ports import QuotaHook, TenancyHook, TraceHook, settlement_usage
 from meter.forward.target import UpstreamBase
 from meter.forward.upstream import Upstream, UpstreamResponse
-from meter.records import Outcome, UsageRecord, UsageSource, new_event_id
-from meter.tap.observer import DecodeBudget, Observation, ResponseObserver
-from meter.tap.request import EMPTY, RequestInfo, inspect_request
+from meter.records import UsageRecord
+from meter.tap.observer import DecodeBudget, ResponseObserver
+from meter.tap.request import inspect_request
 from meter.tenancy.identity import KeyFingerprinter, request_credential
 
 log = logging.getLogger("meter.forward.handler")
@@ -82,73 +88,7 @@ Send = Callable[[dict[str, Any]], Any]
 CLIENT_CLOSED_REQUEST = 499  # recorded status when the client left before the upstream answered
 WATCH_AFTER_S = 0.1  # Rule 4: when the disconnect watcher starts
 DEFAULT_BODY_TIMEOUT = 60.0  # seconds between two reads of a request body (nginx's client_body_timeout)
-
-
-class _Exchange:
-    """Mutable per-request state, turned into one immutable UsageRecord at the end."""
-
-    __slots__ = (
-        "client_gone",
-        "completed",
-        "emitted",
-        "endpoint",
-        "error",
-        "info",
-        "key_fingerprint",
-        "key_suffix",
-        "observation",
-        "observed",
-        "quota_headers",
-        "record",
-        "rejection",
-        "relaying",
-        "request_bytes",
-        "request_id",
-        "reservation",
-        "response_bytes",
-        "scope",
-        "settling",
-        "span",
-        "start_ns",
-        "status",
-        "t0",
-        "t_client_headers",
-        "t_forward",
-        "t_upstream_headers",
-        "team",
-        "watcher",
-    )
-
-    def __init__(self, scope: Scope, t0: float, start_ns: int) -> None:
-        self.scope = scope
-        self.t0 = t0
-        self.start_ns = start_ns
-        self.emitted = False
-        self.observed = False
-        self.endpoint: str = scope["path"]
-        self.request_id: str | None = None
-        self.client_gone = False
-        self.relaying = True  # False once the response is complete: a disconnect then is no abort
-        self.completed = False
-        self.error: MeterError | None = None
-        self.info: RequestInfo = EMPTY
-        self.key_fingerprint: str | None = None
-        self.key_suffix: str | None = None
-        self.observation: Observation | None = None
-        self.quota_headers: list[tuple[bytes, bytes]] | None = None
-        self.record: UsageRecord | None = None
-        self.rejection: Any = None
-        self.reservation: Any = None
-        self.settling: asyncio.Future[Any] | None = None
-        self.request_bytes = 0
-        self.response_bytes = 0
-        self.span: Any = None
-        self.status = 0
-        self.t_forward: float | None = None
-        self.t_upstream_headers: float | None = None
-        self.t_client_headers: float | None = None
-        self.team = ""
-        self.watcher: asyncio.Task[None] | None = None
+_LIVE = frozenset({Phase.FORWARDING, Phase.RELAYING})  # a disconnect now is an abort (Rule 4)
 
 
 class Proxy:
@@ -182,67 +122,63 @@ class Proxy:
         self._on_observe_error = on_observe_error
         self._decode_budget = decode_budget
         self._clock = clock
-        self._settling_on: dict[tuple[Any, ...] | None, asyncio.Future[Any]] = {}  # connection → settle
+        self._price = tenancy.cost if tenancy is not None else None
+        self._settling_on: dict[tuple[Any, ...] | None, asyncio.Task[object]] = {}  # connection → settle
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        x = _Exchange(scope, self._clock(), time.time_ns())
+        x = Exchange(scope, self._clock(), time.time_ns())
         try:
-            await self._handle(scope, receive, send, x, x.t0, x.start_ns)
+            await self._handle(scope, receive, send, x)
         except Exception:
             # A fault of meter's own (Rule 2 still holds): an OpenAI-shaped 500 if the response has
             # not started; if it has, returning without its end makes the server cut the connection.
             log.exception("forwarding %s %s failed", scope.get("method"), cut(str(scope.get("path")), 200))
-            x.error = InternalError("meter could not handle this request; its log has the details")
-            if x.t_client_headers is None:
-                with contextlib.suppress(Exception):
-                    await self._send_error(send, x.error, x)
+            error = InternalError("meter could not handle this request; its log has the details")
+            if x.phase not in ENDS and x.phase is not Phase.PUBLISHED:
+                if x.t_client_headers is None:
+                    with contextlib.suppress(Exception):
+                        await self._fail(send, x, error)
+                else:
+                    x.error = error
         finally:
-            self._finalize(x)
-            self._start_settle(x)
-            self._observed(x)
+            if x.phase not in ENDS and x.phase is not Phase.PUBLISHED:
+                self._advance(x, Phase.ABORTED if x.client_gone else Phase.FAILED)
+            if x.phase is not Phase.PUBLISHED:
+                self._advance(x, Phase.PUBLISHED)
             if x.settling is not None:
                 await asyncio.shield(x.settling)
 
-    def _finalize(self, x: _Exchange) -> None:
-        """Emit the request's one record (Rule 2): the first call wins, later calls do nothing."""
-        if x.emitted:
-            return
-        x.emitted = True
-        started_at = datetime.fromtimestamp(x.start_ns / 1e9, UTC)
-        try:
-            record = self._record(x.scope, x, x.t0, started_at)
-        except Exception:  # a fault in building it must not cost the record (Rule 2)
-            log.exception("building the usage record failed; a reduced one is kept")
-            record = _reduced_record(x, started_at)
-        x.record = record
-        self._emit(record)
+    # The one transition function ----------------------------------------------------------------
 
-    def _observed(self, x: _Exchange) -> None:
-        """Hand the record to the sinks and end the span, once, after the response's last byte went
-        out where it could (Rule 5)."""
-        record = x.record
-        if x.observed or record is None:
-            return
-        x.observed = True
-        if self._observe is not None:
-            self._observe(record)
-        if x.span is not None and self._tracer is not None:
-            self._tracer.finish(x.span, record)
+    def _advance(self, x: Exchange, to: Phase) -> None:
+        """Move ``x`` to ``to`` (meter.forward.exchange, Rule 1) and do what entering it means: an end
+        journals the record and starts settling (Rules 2 and 6); PUBLISHED hands the record to the
+        sinks and ends the span (Rule 5)."""
+        x.phase = advance(x.phase, to)
+        if to in ENDS:
+            x.end = to
+            try:
+                record = build_record(x, to, self._clock(), self._price)
+            except Exception:  # a fault in building it must not cost the record (Rule 2)
+                log.exception("building the usage record failed; a reduced one is kept")
+                record = reduced_record(x, to)
+            x.record = record
+            self._emit(record)
+            self._start_settle(x, record)
+        elif to is Phase.PUBLISHED:
+            published = x.record
+            assert published is not None  # PUBLISHED follows an end (exchange, Rule 2)
+            if self._observe is not None:
+                self._observe(published)
+            if x.span is not None and self._tracer is not None:
+                self._tracer.finish(x.span, published)
 
-    def _complete(self, x: _Exchange, observer: ResponseObserver) -> None:
-        """The response is complete: record it BEFORE the client can see the last byte, so a crash
-        between the client's completion and the journal append cannot lose a completed request."""
-        x.completed = True
-        x.observation = observer.finish(aborted=False)
-        self._finalize(x)
-
-    def _start_settle(self, x: _Exchange) -> None:
-        """Start settling the request's reservation, once (Rule 6), from its record. A task: a client
+    def _start_settle(self, x: Exchange, record: UsageRecord) -> None:
+        """Start settling the request's reservation (Rule 6), from its record. A task: a client
         leaving while the store answers must not leave the reservation held until its lease runs
         out; whoever awaits ``x.settling`` shields it."""
         reservation, x.reservation = x.reservation, None
-        record = x.record
-        if reservation is None or record is None or self._quota is None:
+        if reservation is None or self._quota is None:
             return
         settling = x.settling = self._quota.start_settle(
             reservation, settlement_usage(record), record.cost_usd, datetime.now(UTC)
@@ -254,13 +190,13 @@ class Proxy:
             self._settling_on[connection] = settling
             settling.add_done_callback(lambda done: self._settled_on(connection, done))
 
-    def _settled_on(self, connection: tuple[Any, ...], done: asyncio.Future[Any]) -> None:
+    def _settled_on(self, connection: tuple[Any, ...], done: asyncio.Task[object]) -> None:
         if self._settling_on.get(connection) is done:
             del self._settling_on[connection]
 
-    async def _handle(
-        self, scope: Scope, receive: Receive, send: Send, x: _Exchange, t0: float, start_ns: int
-    ) -> None:
+    # The path -----------------------------------------------------------------------------------
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, x: Exchange) -> None:
         headers: list[tuple[bytes, bytes]] = scope["headers"]
         try:
             url = self._url(scope)
@@ -268,12 +204,12 @@ class Proxy:
             upstream_headers = upstream_request_headers(headers)
             body = await self._read_body(headers, receive, x)
         except MeterError as exc:
-            x.error = exc
-            await self._send_error(send, exc, x)
+            await self._fail(send, x, exc)
             return
         if body is None:  # the client left while sending its body
             x.client_gone = True
             x.status = CLIENT_CLOSED_REQUEST
+            self._advance(x, Phase.ABORTED)
             return
         x.request_bytes = len(body)
         x.info = inspect_request(body)
@@ -287,8 +223,7 @@ class Proxy:
             except MeterError as exc:  # refused: 401 (unknown/revoked/expired), 500 or 503
                 if isinstance(exc, KeyRefusal):
                     x.team, x.key_fingerprint, x.key_suffix = exc.team, exc.fingerprint, exc.suffix or None
-                x.error = exc
-                await self._send_error(send, exc, x)
+                await self._fail(send, x, exc)
                 return
             x.team, x.key_fingerprint, x.key_suffix = who.team, who.fingerprint, who.suffix or None
             if who.upstream_authorization is not None:
@@ -302,13 +237,21 @@ class Proxy:
                 x.team, x.key_fingerprint, x.info, datetime.now(UTC), endpoint=x.endpoint
             )
             if not admitted.allowed:
-                x.rejection = admitted.rejection
-                await self._send_rejection(send, admitted.rejection, x)
+                rejection = admitted.rejection
+                assert rejection is not None  # a refusal always carries its answer
+                x.rejection, x.status = rejection, rejection.status
+                x.response_bytes = len(rejection.body)
+                self._advance(x, Phase.FAILED)  # recorded before the client sees it (Rule 2)
+                await send(
+                    {"type": "http.response.start", "status": rejection.status, "headers": rejection.headers}
+                )
+                await send({"type": "http.response.body", "body": rejection.body, "more_body": False})
                 return
             x.reservation = admitted.reservation
             x.quota_headers = admitted.headers or None
+        self._advance(x, Phase.ADMITTED)
         if self._tracer is not None:
-            x.span = self._tracer.start(scope, x.info, start_ns)
+            x.span = self._tracer.start(scope, x.info, x.start_ns)
             upstream_headers = replace_headers(upstream_headers, self._tracer.propagation_headers(x.span))
 
         task = asyncio.current_task()
@@ -322,30 +265,33 @@ class Proxy:
         response: UpstreamResponse | None = None
         try:
             x.t_forward = self._clock()
+            self._advance(x, Phase.FORWARDING)
             response = await self._upstream.send(scope["method"], url, upstream_headers, body)
             x.t_upstream_headers = self._clock()
             await self._relay(response, send, x)
         except UpstreamError as exc:
-            x.error = exc
             if x.t_client_headers is None:
-                await self._send_error(send, exc, x)
-            # else: the response head is out; leaving it incomplete makes the server cut the connection,
-            # the only honest way to tell the client the body is truncated.
+                await self._fail(send, x, exc)
+            else:
+                # The response head is out: leaving it incomplete makes the server cut the connection,
+                # the only honest way to tell the client the body is truncated.
+                x.error = exc
+                self._advance(x, Phase.FAILED)
         except asyncio.CancelledError:
             if not x.client_gone:
                 raise
             task.uncancel()
+            if x.t_client_headers is None:
+                x.status = CLIENT_CLOSED_REQUEST
+            self._advance(x, Phase.ABORTED)
         finally:
-            x.relaying = False
             timer.cancel()
             if x.watcher is not None:
                 x.watcher.cancel()
             if response is not None:
-                await response.close(abort=not x.completed)
-            if x.client_gone and x.t_client_headers is None:
-                x.status = CLIENT_CLOSED_REQUEST
+                await response.close(abort=x.end is not Phase.COMPLETE)
 
-    async def _relay(self, response: UpstreamResponse, send: Send, x: _Exchange) -> None:
+    async def _relay(self, response: UpstreamResponse, send: Send, x: Exchange) -> None:
         lowered, client_headers = split_response_headers(response.headers)
 
         def new_observer() -> ResponseObserver:
@@ -357,6 +303,12 @@ class Proxy:
                 on_error=self._on_observe_error,
                 budget=self._decode_budget,
             )
+
+        def complete(observer: ResponseObserver) -> None:
+            """The response is complete: recorded BEFORE the client can see the byte that completes
+            it, so a crash between the client's completion and the journal append cannot lose it."""
+            x.observation = observer.finish(aborted=False)
+            self._advance(x, Phase.COMPLETE)
 
         observer: ResponseObserver | None = None
         x.status = response.status
@@ -377,6 +329,7 @@ class Proxy:
                 }
             )
             x.t_client_headers = self._clock()
+            self._advance(x, Phase.RELAYING)
             # The observer is made when first needed: reading the fireworks-* headers delays neither
             # the head nor a stream's first chunk.
             clock = self._clock
@@ -387,35 +340,32 @@ class Proxy:
                 now = clock()
                 x.response_bytes += len(chunk)
                 completes = expected is not None and x.response_bytes >= expected
-                if not x.emitted and (completes or b"[DONE]" in chunk):
+                if x.phase is Phase.RELAYING and (completes or b"[DONE]" in chunk):
                     # This chunk may complete the response in the client's eyes: the last byte of a
                     # Content-Length body, or a stream's "data: [DONE]" (the openai SDK stops reading
                     # there). Observe it first and, if so, record first.
                     observer = observer or new_observer()
                     observer.feed(chunk, now)
                     if completes or observer.done:
-                        self._complete(x, observer)
-                        self._start_settle(x)
+                        complete(observer)
                     if completes:  # the last body message, not one more empty one after it
-                        ended, x.relaying = True, False
+                        ended = True
                         await send({"type": "http.response.body", "body": chunk, "more_body": False})
-                        self._observed(x)
+                        self._advance(x, Phase.PUBLISHED)
                         continue
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                    if x.emitted:  # "data: [DONE]" went out: complete in the client's eyes
-                        self._observed(x)
+                    if x.end is Phase.COMPLETE:  # "data: [DONE]" went out: complete in the client's eyes
+                        self._advance(x, Phase.PUBLISHED)
                     continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 observer = observer or new_observer()
                 observer.feed(chunk, now)
-            x.relaying = False
-            if not x.emitted:
-                # a chunked body ends with the terminator sent next
-                self._complete(x, observer or new_observer())
-            self._start_settle(x)
+            if x.phase is Phase.RELAYING:  # a chunked body ends with the terminator sent next
+                complete(observer or new_observer())
             if not ended:
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
-                self._observed(x)
+                if x.phase is Phase.COMPLETE:
+                    self._advance(x, Phase.PUBLISHED)
             if x.settling is not None:
                 await asyncio.shield(x.settling)
         finally:
@@ -423,7 +373,7 @@ class Proxy:
                 x.observation = (observer or new_observer()).finish(aborted=True)
 
     async def _read_body(
-        self, headers: list[tuple[bytes, bytes]], receive: Receive, x: _Exchange
+        self, headers: list[tuple[bytes, bytes]], receive: Receive, x: Exchange
     ) -> bytes | None:
         limit = self._max_request_bytes
         declared = next((v for n, v in headers if n == b"content-length"), None)
@@ -465,9 +415,11 @@ class Proxy:
             raw_path = quote(scope["path"], safe="/:@!$&'()*+,;=-._~").encode("ascii")
         return self._target.url(raw_path, scope.get("query_string", b""))
 
-    async def _send_error(self, send: Send, exc: MeterError, x: _Exchange) -> None:
+    async def _fail(self, send: Send, x: Exchange, exc: MeterError) -> None:
+        """End the exchange FAILED with meter's own answer: recorded first, then sent (Rule 2)."""
         body = exc.body()
-        x.status = exc.status_code
+        x.error, x.status, x.response_bytes = exc, exc.status_code, len(body)
+        self._advance(x, Phase.FAILED)
         await send(
             {
                 "type": "http.response.start",
@@ -479,124 +431,14 @@ class Proxy:
             }
         )
         await send({"type": "http.response.body", "body": body, "more_body": False})
-        x.response_bytes = len(body)
-
-    async def _send_rejection(self, send: Send, rejection: Any, x: _Exchange) -> None:
-        x.status = rejection.status
-        await send({"type": "http.response.start", "status": rejection.status, "headers": rejection.headers})
-        await send({"type": "http.response.body", "body": rejection.body, "more_body": False})
-        x.response_bytes = len(rejection.body)
-
-    def _record(self, scope: Scope, x: _Exchange, t0: float, started_at: datetime) -> UsageRecord:
-        t_end = self._clock()
-        obs = x.observation
-        if x.rejection is not None:
-            outcome = Outcome.REJECTED
-        elif x.client_gone:
-            outcome = Outcome.ABORTED
-        elif x.error is not None:
-            outcome = Outcome.PROXY_ERROR
-        elif x.status >= 400 or (obs is not None and obs.stream_error):
-            outcome = Outcome.UPSTREAM_ERROR
-        else:
-            outcome = Outcome.OK
-
-        def ms(since: float | None, until: float | None) -> float | None:
-            return None if since is None or until is None else (until - since) * 1000.0
-
-        overhead = None
-        if x.t_forward is not None:
-            overhead = x.t_forward - t0
-            if x.t_upstream_headers is not None and x.t_client_headers is not None:
-                overhead += x.t_client_headers - x.t_upstream_headers
-        usage_kwargs: dict[str, Any] = {}
-        ttft_ms = tokens_per_second = None
-        if obs is not None:
-            usage = obs.usage
-            usage_kwargs = {
-                "prompt_tokens": usage.prompt_tokens,
-                "completion_tokens": usage.completion_tokens,
-                "cached_tokens": usage.cached_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-                "total_tokens": usage.total_tokens,
-                "response_id": obs.response_id,
-                "response_model": obs.response_model,
-                "finish_reason": ",".join(obs.finish_reasons) or None,
-                "server_ttft_ms": None if obs.server_ttft_s is None else obs.server_ttft_s * 1000.0,
-                "server_processing_ms": (
-                    None if obs.server_processing_s is None else obs.server_processing_s * 1000.0
-                ),
-                "upstream_metrics": obs.upstream_metrics,
-            }
-            if obs.streamed:
-                ttft_ms = ms(t0, obs.first_content_at)
-            generation_start = obs.first_content_at if obs.streamed else x.t_forward
-            if usage.completion_tokens and generation_start is not None and t_end > generation_start:
-                tokens_per_second = usage.completion_tokens / (t_end - generation_start)
-            if self._tenancy is not None:
-                usage_kwargs["cost_nanos"], usage_kwargs["price_ref"] = self._tenancy.cost(
-                    started_at, x.info.model, obs.response_model, usage
-                )
-        if x.rejection is not None:
-            error: str | None = x.rejection.message
-        elif x.error is not None:
-            error = x.error.message
-        else:
-            error = obs.error_message if obs is not None else None
-        return UsageRecord(
-            event_id=new_event_id(),
-            started_at=started_at,
-            method=cut(scope["method"], bounds.METHOD),
-            endpoint=cut(scope["path"], bounds.ENDPOINT),
-            status_code=x.status,
-            outcome=outcome,
-            usage_source=obs.usage_source if obs is not None else UsageSource.MISSING,
-            stream=x.info.stream,
-            key_fingerprint=x.key_fingerprint,
-            key_suffix=x.key_suffix,
-            team=x.team,
-            requested_model=x.info.model,
-            request_id=x.request_id,
-            duration_ms=(t_end - t0) * 1000.0,
-            upstream_headers_ms=ms(t0, x.t_upstream_headers),
-            ttft_ms=ttft_ms,
-            output_tokens_per_second=tokens_per_second,
-            overhead_ms=None if overhead is None else overhead * 1000.0,
-            request_bytes=x.request_bytes,
-            response_bytes=x.response_bytes,
-            error=cut_optional(error, bounds.ERROR),
-            **usage_kwargs,
-        )
 
 
-def _reduced_record(x: _Exchange, started_at: datetime) -> UsageRecord:
-    """The record of an exchange whose full record could not be built: who, what and how it ended."""
-    scope = x.scope
-    return UsageRecord(
-        event_id=new_event_id(),
-        started_at=started_at,
-        method=cut(str(scope.get("method", "")), bounds.METHOD),
-        endpoint=cut(str(scope.get("path", "")), bounds.ENDPOINT),
-        status_code=x.status,
-        outcome=Outcome.ABORTED if x.client_gone else Outcome.PROXY_ERROR,
-        usage_source=UsageSource.MISSING,
-        stream=x.info.stream,
-        key_fingerprint=x.key_fingerprint,
-        key_suffix=x.key_suffix,
-        team=x.team,
-        requested_model=x.info.model,
-        request_bytes=x.request_bytes,
-        response_bytes=x.response_bytes,
-        error="meter could not build this request's full record; its log has the details",
-    )
-
-
-async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], x: _Exchange) -> None:
+async def _watch_disconnect(receive: Receive, task: asyncio.Task[Any], x: Exchange) -> None:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
             break
-    if x.relaying:
+    if x.phase in _LIVE:
         x.client_gone = True
         task.cancel()
 

@@ -16,13 +16,20 @@ from __future__ import annotations
 
 import asyncio
 from datetime import datetime
-from typing import Any, Protocol
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any, Protocol
 
 from meter.records import Outcome, Usage, UsageRecord, UsageSource
 from meter.tap.request import RequestInfo
 from meter.tenancy.keys import Resolution
 
-Scope = dict[str, Any]
+if TYPE_CHECKING:  # values the hooks hand back and forth (OpenTelemetry is imported only when on)
+    from opentelemetry.trace import Span
+
+    from meter.quota.admission import AdmissionResult
+    from meter.quota.store import Reservation
+
+Scope = dict[str, Any]  # the ASGI scope: its values are the server's (the ASGI spec types them so)
 
 
 class TenancyHook(Protocol):
@@ -49,13 +56,13 @@ class QuotaHook(Protocol):
 
     async def admit(
         self, team: str, key_fp: str | None, info: RequestInfo, now: datetime, *, endpoint: str | None = None
-    ) -> Any:
-        """An AdmissionResult: ``allowed``, ``reservation``, ``headers``, ``rejection``."""
+    ) -> AdmissionResult:
+        """``allowed``, ``reservation``, ``headers``, ``rejection``."""
         ...
 
     def start_settle(
-        self, reservation: Any, usage: Usage | None, cost: Any, now: datetime
-    ) -> asyncio.Future[Any]:
+        self, reservation: Reservation, usage: Usage | None, cost: Decimal | None, now: datetime
+    ) -> asyncio.Task[object]:
         """Settle as a task that runs to completion whether awaited or not; never fails for store
         failures."""
         ...
@@ -65,15 +72,15 @@ class TraceHook(Protocol):
     """Tracing, when enabled (see :mod:`meter.sinks.tracing`). Absent, the forward path pays nothing
     for it."""
 
-    def start(self, scope: Scope, info: RequestInfo, start_time_ns: int) -> Any:
-        """Open a span for the request; the return value is handed back to the other two methods."""
+    def start(self, scope: Scope, info: RequestInfo, start_time_ns: int) -> Span | None:
+        """Open a span for the request (None: tracing failed; the request goes on without one)."""
         ...
 
-    def propagation_headers(self, span: Any) -> list[tuple[str, str]]:
+    def propagation_headers(self, span: Span | None) -> list[tuple[str, str]]:
         """Headers (``traceparent``, ``tracestate``) that replace the client's on the upstream request."""
         ...
 
-    def finish(self, span: Any, record: UsageRecord) -> None: ...
+    def finish(self, span: Span | None, record: UsageRecord) -> None: ...
 
 
 def settlement_usage(record: UsageRecord) -> Usage | None:
