@@ -88,10 +88,10 @@ class Runtime:
         if self.pipeline is not None:
             self.pipeline.submit(record)
 
-    def observe(self, record: UsageRecord) -> None:
+    def publish(self, record: UsageRecord) -> None:
         """Metrics, request log, OpenTelemetry: the proxy calls this once the response is out (no
         client waits on them). A failing sink is logged; it never costs a record or another sink."""
-        for sink in (self.metrics.observe, *self.sinks):
+        for sink in (self.metrics.publish, *self.sinks):
             try:
                 sink(record)
             except Exception:
@@ -255,7 +255,7 @@ def create_app(
         upstream_url=settings.upstream_url,
         fingerprinter=runtime.fingerprinter,
         emit=runtime.journal,
-        observe=runtime.observe,
+        publish=runtime.publish,
         max_request_bytes=settings.max_request_bytes,
         body_timeout=settings.client_body_timeout,
         on_observe_error=metrics.observe_error,

@@ -34,7 +34,7 @@ def _labelled_metrics() -> dict[str, set[str]]:
     """Series names of meter's own metrics -> their label names, from one fully populated record."""
     registry = CollectorRegistry()
     metrics = ProxyMetrics(registry, process_metrics=False)
-    metrics.observe(
+    metrics.publish(
         make_record(
             requested_model="m",
             stream=True,

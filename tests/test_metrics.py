@@ -62,7 +62,7 @@ def test_a_streamed_record_feeds_every_family():
         server_ttft_ms=150.0,
         server_processing_ms=1100.0,
     )
-    metrics.observe(record)
+    metrics.publish(record)
     get = registry.get_sample_value
     team_model = {"team": "unassigned", "model": "m-a"}
     assert get("meter_requests_total", {**team_model, "endpoint": CHAT, "status_code": "200"}) == 1
@@ -86,7 +86,7 @@ def test_a_streamed_record_feeds_every_family():
 
 def test_not_reported_tokens_are_not_counted_as_zero_and_non_streams_have_no_ttft():
     metrics, registry = _metrics()
-    metrics.observe(make_record(requested_model="m", usage_source=UsageSource.MISSING, duration_ms=5.0))
+    metrics.publish(make_record(requested_model="m", usage_source=UsageSource.MISSING, duration_ms=5.0))
     names = {name for name, _ in _series(registry)}
     assert "meter_tokens_total" not in names
     assert "meter_time_to_first_token_seconds_count" not in names
@@ -115,10 +115,10 @@ def test_error_type_vocabulary(outcome, status, expected):
     record = make_record(outcome=outcome, status_code=status, requested_model="m")
     assert error_type(record) == expected
     metrics, registry = _metrics()
-    metrics.observe(
+    metrics.publish(
         make_record(outcome=Outcome.OK, status_code=200, requested_model="m")
     )  # "m" earns its label
-    metrics.observe(record)
+    metrics.publish(record)
     value = registry.get_sample_value(
         "meter_request_errors_total", {"team": "unassigned", "model": "m", "error_type": expected or ""}
     )
@@ -127,11 +127,11 @@ def test_error_type_vocabulary(outcome, status, expected):
 
 def test_a_model_name_earns_its_label_only_from_a_request_that_succeeded():
     metrics, registry = _metrics()
-    metrics.observe(make_record(outcome=Outcome.UPSTREAM_ERROR, status_code=404, requested_model="junk"))
+    metrics.publish(make_record(outcome=Outcome.UPSTREAM_ERROR, status_code=404, requested_model="junk"))
     labels = {"team": "unassigned", "model": "other", "error_type": "404"}
     assert registry.get_sample_value("meter_request_errors_total", labels) == 1
-    metrics.observe(make_record(outcome=Outcome.OK, status_code=200, requested_model="junk"))
-    metrics.observe(make_record(outcome=Outcome.UPSTREAM_ERROR, status_code=404, requested_model="junk"))
+    metrics.publish(make_record(outcome=Outcome.OK, status_code=200, requested_model="junk"))
+    metrics.publish(make_record(outcome=Outcome.UPSTREAM_ERROR, status_code=404, requested_model="junk"))
     labels["model"] = "junk"
     assert registry.get_sample_value("meter_request_errors_total", labels) == 1
 
@@ -157,7 +157,7 @@ def test_team_label_is_a_known_team_unassigned_or_other():
     assert metrics.team_label("new-1") == "new-1"  # the one slot beyond the known teams
     assert metrics.team_label("new-2") == "other"
     assert registry.get_sample_value("meter_label_overflow_total", {"label": "team"}) == 1
-    metrics.observe(make_record(team="search", requested_model="m"))
+    metrics.publish(make_record(team="search", requested_model="m"))
     assert (
         registry.get_sample_value(
             "meter_requests_total", {"team": "search", "model": "m", "endpoint": CHAT, "status_code": "200"}
@@ -189,7 +189,7 @@ def test_ten_thousand_random_model_names_keep_the_series_bounded():
     def observe(count: int) -> None:
         for _ in range(count):
             model = _random_model(rng)
-            metrics.observe(
+            metrics.publish(
                 make_record(
                     requested_model=model,
                     response_model=model + "-resolved",
@@ -215,10 +215,10 @@ def test_ten_thousand_random_model_names_keep_the_series_bounded():
 def test_cost_is_observed_from_the_records_cost():
     base = {"requested_model": "m", "prompt_tokens": 10, "completion_tokens": 2}
     metrics, registry = _metrics()
-    metrics.observe(make_record(**base, cost_nanos=125_000, price_ref="db:1"))  # $0.000125
-    metrics.observe(make_record(**base, cost_nanos=500_000_000, price_ref="db:1"))  # $0.5
-    metrics.observe(make_record(**base))  # used tokens, nothing priced it: unpriced
-    metrics.observe(make_record(requested_model="m"))  # no usage: nothing to price, not unpriced
+    metrics.publish(make_record(**base, cost_nanos=125_000, price_ref="db:1"))  # $0.000125
+    metrics.publish(make_record(**base, cost_nanos=500_000_000, price_ref="db:1"))  # $0.5
+    metrics.publish(make_record(**base))  # used tokens, nothing priced it: unpriced
+    metrics.publish(make_record(requested_model="m"))  # no usage: nothing to price, not unpriced
     get = registry.get_sample_value
     assert get("meter_cost_usd_total", {"team": "unassigned", "model": "m"}) == pytest.approx(0.500125)
     assert get("meter_unpriced_requests_total", {"team": "unassigned", "model": "m"}) == 1
@@ -306,7 +306,7 @@ _WORKER = textwrap.dedent(
 
     metrics = ProxyMetrics(CollectorRegistry())
     for _ in range(int(sys.argv[1])):
-        metrics.observe(make_record(requested_model="m", prompt_tokens=2, duration_ms=5.0))
+        metrics.publish(make_record(requested_model="m", prompt_tokens=2, duration_ms=5.0))
     metrics.inflight.labels("/v1/chat/completions").inc()
     print("done", flush=True)
     sys.stdin.read()  # stay alive: in-flight is a live gauge

@@ -21,7 +21,7 @@ Rule 4 (the client leaving stops the upstream): a watcher task waits for ``http.
         (a timer is far cheaper than a task, and most non-streamed exchanges are over sooner): a
         client that left earlier is noticed then, so the upstream stops at most that much later.
 Rule 5 (the hot path never waits on a sink): ``emit`` (the journal append, the one step a record's
-        durability needs) must return at once (the writer queues); ``observe`` (metrics, request log,
+        durability needs) must return at once (the writer queues); ``publish`` (metrics, request log,
         OpenTelemetry) and the span's end run on the PUBLISHED transition, after the response's
         last byte was sent, or from the ``finally`` when there was none: no client waits for them.
 Rule 6 (quotas: reserve, then settle once): with a quota hook, a request is admitted after its key is
@@ -101,7 +101,7 @@ class Proxy:
         emit: Callable[[UsageRecord], None],
         max_request_bytes: int,
         body_timeout: float = DEFAULT_BODY_TIMEOUT,
-        observe: Callable[[UsageRecord], None] | None = None,
+        publish: Callable[[UsageRecord], None] | None = None,
         on_observe_error: Callable[[str], None] | None = None,
         decode_budget: DecodeBudget = DecodeBudget(),  # noqa: B008 (frozen)
         tracer: TraceHook | None = None,
@@ -117,7 +117,7 @@ class Proxy:
         self._body_timeout = body_timeout
         self._fingerprinter = fingerprinter
         self._emit = emit
-        self._observe = observe
+        self._publish = publish
         self._max_request_bytes = max_request_bytes
         self._on_observe_error = on_observe_error
         self._decode_budget = decode_budget
@@ -168,8 +168,8 @@ class Proxy:
         elif to is Phase.PUBLISHED:
             published = x.record
             assert published is not None  # PUBLISHED follows an end (exchange, Rule 2)
-            if self._observe is not None:
-                self._observe(published)
+            if self._publish is not None:
+                self._publish(published)
             if x.span is not None and self._tracer is not None:
                 self._tracer.finish(x.span, published)
 

@@ -85,7 +85,6 @@ _PROXY_ERROR_TYPES = {
     502: "upstream_failed",
     504: "upstream_timeout",
 }
-_NO_COST_FIELD = object()
 
 
 def error_type(record: UsageRecord) -> str | None:
@@ -152,8 +151,8 @@ class ProxyMetrics:
         self.errors = Counter(
             "meter_request_errors",
             "Requests that did not succeed, by error type (upstream status code, stream_error, aborted, "
-            "or meter's own: request_too_large, upstream_failed, upstream_timeout, proxy_error, "
-            "quota_rejected, quota_unavailable).",
+            "or meter's own: invalid_request, request_timeout, request_too_large, internal_error, "
+            "upstream_failed, upstream_timeout, proxy_error, quota_rejected, quota_unavailable).",
             ["team", "model", "error_type"],
             registry=registry,
         )
@@ -308,7 +307,7 @@ class ProxyMetrics:
             child = self._children[key] = metric.labels(*values)
         return child
 
-    def observe(self, record: UsageRecord) -> None:
+    def publish(self, record: UsageRecord) -> None:
         team = self.team_label(record.team)
         raw_model = record.requested_model or record.response_model
         failure = error_type(record)
@@ -328,7 +327,7 @@ class ProxyMetrics:
         ):
             if count:
                 self._child(self.tokens, team, model, kind).inc(count)
-        self._observe_cost(record, team, model)
+        self._count_cost(record, team, model)
         if record.duration_ms is not None:
             self._child(self.duration, team, model, endpoint, "true" if record.stream else "false").observe(
                 record.duration_ms / 1000.0
@@ -345,18 +344,14 @@ class ProxyMetrics:
         if record.overhead_ms is not None:
             self.overhead.observe(record.overhead_ms / 1000.0)
 
-    def _observe_cost(self, record: UsageRecord, team: str, model: str) -> None:
-        # Records gain ``cost_usd: Decimal | None`` with the price table; until then there is no field
-        # and nothing to say. With the field, None on a record that used tokens means "not priced".
-        cost = getattr(record, "cost_usd", _NO_COST_FIELD)
-        if cost is _NO_COST_FIELD:
-            return
-        if cost is None:
+    def _count_cost(self, record: UsageRecord, team: str, model: str) -> None:
+        cost = record.cost_usd
+        if cost is None:  # on a record that used tokens: nothing priced it
             if record.prompt_tokens or record.completion_tokens or record.total_tokens:
                 self._child(self.unpriced, team, model).inc()
             return
-        if cost > 0:  # type: ignore[operator]
-            self._child(self.cost, team, model).inc(float(cost))  # type: ignore[arg-type]
+        if cost > 0:
+            self._child(self.cost, team, model).inc(float(cost))
 
 
 def time_per_output_token(record: UsageRecord) -> float | None:
