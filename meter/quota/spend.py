@@ -9,7 +9,9 @@ Rule 1 (money is exact): prices and costs are ``Decimal``; the stores count inte
         rounds to the *nearest* micro-USD, half to even (:meth:`Spend.cost_micros`): rounding every
         request up would overcount a cheap request by up to a micro-USD (~17% of a 30-token request at
         $0.20 per 1M tokens) and drift away from the exact sums in the database, from which restarts
-        seed the counters.
+        seed the counters. Why micro-USD here and nano-USD in records (meter.billing.rating): Redis
+        keeps the counters as Lua numbers, doubles exact only below 2^53 — $9 billion in micro-USD,
+        only $9 million in nano-USD, which a large team's budget period can pass.
 Rule 2 ("not reported" is not zero): settling a request whose usage is unknown charges its whole
         estimate, never nothing (:func:`actual_spend`).
 
