@@ -18,15 +18,14 @@ from meter.journal.frames import (
     CHECKPOINT_FILE,
     DEAD_LETTER_FILE,
     LOCK_FILE,
-    JournalReader,
     Position,
     file_size,
     list_segments,
     read_checkpoint,
     read_lock_holder,
-    scan_backlog,
     segment_name,
 )
+from meter.journal.reader import JournalReader, scan_backlog
 
 _WORKER_RE = re.compile(r"^w(\d+)$")
 

@@ -3,7 +3,7 @@ appends continue (meter.journal.store, Rules 3, 4 and 6).
 
 Rule 1: segments wholly before the checkpoint are deleted: a crash came between writing the
         checkpoint and deleting what it consumed.
-Rule 2: an incomplete frame at the end of the newest segment (a crash mid-write; meter.journal.frames,
+Rule 2: an incomplete frame at the end of the newest segment (a crash mid-write; meter.journal.reader,
         Rule 3) is cut off, so appends after a restart continue on a frame boundary.
 Rule 3: appends continue the newest segment only if it ends exactly where the reader stopped and has
         room; otherwise (full, or shorter than the checkpoint says because a power loss took its
@@ -23,15 +23,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from meter.journal.frames import (
-    JournalReader,
-    Position,
-    file_size,
-    list_segments,
-    read_checkpoint,
-    scan_backlog,
-    segment_name,
-)
+from meter.journal.frames import Position, file_size, list_segments, read_checkpoint, segment_name
+from meter.journal.reader import JournalReader, scan_backlog
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ Rule 3: the checkpoint only moves forward and is replaced atomically (tmp file, 
         already pointed past it, open starts a new segment, so new frames never hide behind it
         (meter.journal.recovery).
 Rule 4: :meth:`Journal.open` cuts an incomplete frame off the end of the newest segment (a crash mid
-        write; meter.journal.frames, Rule 3), so appends after a restart continue on a frame boundary
+        write; meter.journal.reader, Rule 3), so appends after a restart continue on a frame boundary
         (meter.journal.recovery).
 Rule 5: one process per directory: ``flock(LOCK_EX | LOCK_NB)`` on ``DIR/LOCK``. A second opener gets
         :class:`JournalLocked` naming the holder. The kernel releases the lock when the holder dies,
@@ -60,13 +60,8 @@ from meter.journal.frames import (
     DEAD_LETTER_FILE,
     LOCK_FILE,
     MAX_PAYLOAD,
-    CorruptFrame,
-    Entry,
-    JournalReader,
     Position,
-    ReadBatch,
     encode_frame,
-    event_time,
     file_size,
     list_segments,
     read_lock_holder,
@@ -80,6 +75,7 @@ from meter.journal.inspect import (  # read-only inspection, re-exported for one
     journal_status,
 )
 from meter.journal.payload import encode_record
+from meter.journal.reader import CorruptFrame, Entry, JournalReader, ReadBatch, event_time
 from meter.journal.recovery import recover
 from meter.journal.segments import SegmentWriter
 from meter.journal.sync import DEFAULT_FSYNC_INTERVAL, FsyncPolicy, GroupSync, fsync_dir

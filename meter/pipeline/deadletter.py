@@ -24,8 +24,8 @@ from typing import Any
 
 import orjson
 
-from meter.journal.frames import CorruptFrame
 from meter.journal.payload import json_text
+from meter.journal.reader import CorruptFrame
 
 KINDS = ("rejected", "corrupt", "expired")
 

@@ -45,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter.db.engine import describe_error
 from meter.db.poison import WriteOutcome, write_isolating
-from meter.journal.frames import CorruptFrame
+from meter.journal.reader import CorruptFrame
 from meter.pipeline import deadletter
 from meter.pipeline.metrics import PipelineCounts, PipelineMetrics
 from meter.pipeline.retention import Retention

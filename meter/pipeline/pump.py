@@ -56,8 +56,8 @@ from typing import Any, TypeVar
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.journal.frames import JournalReader, ReadBatch
 from meter.journal.payload import encode_record, json_text
+from meter.journal.reader import JournalReader, ReadBatch
 from meter.journal.store import DEAD_LETTER_FILE, Journal, event_time
 from meter.pipeline.delivery import Delivery, in_thread
 from meter.pipeline.metrics import PipelineCounts, PipelineMetrics

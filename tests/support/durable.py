@@ -7,7 +7,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from meter.journal.frames import JournalReader, Position, list_segments, read_checkpoint
+from meter.journal.frames import Position, list_segments, read_checkpoint
+from meter.journal.reader import JournalReader
 from meter.records import UsageRecord
 
 
