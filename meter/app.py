@@ -67,7 +67,7 @@ def is_own_path(path: str) -> bool:
 
 @dataclass
 class Runtime:
-    """What the running app holds; tests reach in here for the pipeline, metrics and emitted records."""
+    """What the running app holds, built by :func:`create_app` and filled in at start-up."""
 
     settings: Settings
     registry: CollectorRegistry
