@@ -305,6 +305,7 @@ def test_compose_load_balancer_and_prometheus_reach_every_replica() -> None:
     assert {t for c in job["static_configs"] for t in c["targets"]} == targets
 
 
+@pytest.mark.integration
 def test_compose_prometheus_config_loads_the_alert_rules(tmp_path: Path) -> None:
     service = compose()["services"]["prometheus"]
     content = compose()["configs"]["prometheus"]["content"]
@@ -368,6 +369,7 @@ def test_compose_mounts_exist() -> None:
                 assert (DEPLOY / source).exists(), f"{name}: {source} does not exist"
 
 
+@pytest.mark.integration
 def test_compose_load_balancer_config_is_valid_nginx(tmp_path: Path) -> None:
     nginx = shutil.which("nginx") or ("/usr/sbin/nginx" if Path("/usr/sbin/nginx").exists() else None)
     if nginx is None:
@@ -713,6 +715,7 @@ def test_rendered_chart_refuses_what_meter_would_refuse(render: Any) -> None:
 # --- the local topology's scripts ------------------------------------------------------------------
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("script", sorted(LOCAL.glob("*.sh")), ids=lambda p: p.name)
 def test_local_script_is_valid_bash_and_sets_only_meters_variables(script: Path) -> None:
     check = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)

@@ -105,6 +105,7 @@ def test_every_selector_of_a_team_or_model_metric_honours_the_variables():
                     assert value in matchers, f"{expression.source}: {name} without the ${label} filter"
 
 
+@pytest.mark.integration
 def test_dashboard_promql_is_valid(tmp_path):
     # promtool validates PromQL offline when it checks a rule file: one recording rule per expression.
     rules = [{"record": f"dashboard:expr_{i}", "expr": e.expr} for i, e in enumerate(dashboard_expressions())]
@@ -114,6 +115,7 @@ def test_dashboard_promql_is_valid(tmp_path):
     assert check.returncode == 0, check.stdout.decode() + check.stderr.decode()
 
 
+@pytest.mark.integration
 def test_promtool_checks_the_rules_and_the_scrape_config():
     for command in (["check", "rules", *map(str, RULE_FILES)], ["check", "config", str(SCRAPE_CONFIG)]):
         check = subprocess.run([promtool(), *command], capture_output=True, timeout=60)

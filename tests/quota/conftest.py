@@ -1,5 +1,5 @@
 """Fixtures of the quota tests: the machine's Redis under a key prefix of the test's own, and the store
-contract's two backends."""
+contract's two backends (the Redis case is ``integration``: it needs the machine's Redis)."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ async def redis_handle() -> AsyncIterator[RedisHandle]:
         yield handle
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", pytest.param("redis", marks=pytest.mark.integration)])
 async def make_store(request: pytest.FixtureRequest) -> AsyncIterator[StoreFactory]:
     if request.param == "memory":
         yield lambda **kw: MemoryStore(**kw)

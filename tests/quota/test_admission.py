@@ -232,6 +232,7 @@ async def test_redis_down_fails_closed_for_budgets(caplog: pytest.LogCaptureFixt
     await admission.store.aclose()
 
 
+@pytest.mark.integration
 async def test_a_redis_that_does_not_answer_times_out_into_the_failure_policy(
     caplog: pytest.LogCaptureFixture,
 ) -> None:

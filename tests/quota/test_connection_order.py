@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import orjson
+import pytest
 import redis
 
 from meter.forward.handler import Proxy
@@ -26,6 +27,8 @@ from meter.tenancy.identity import KeyFingerprinter
 from tests.support.quota import INFO, REDIS_URL, CountingStore, make_admission
 from tests.support.serve import serve_in_thread
 from tests.support.upstreams import ScriptedUpstream
+
+pytestmark = pytest.mark.integration  # meter and its upstream on loopback ports, and Redis
 
 SETTLE_DELAY = 0.3  # a quota store answering settles slowly
 KEY = "fw_serial_key_0009"

@@ -298,6 +298,7 @@ def test_store_unavailable_is_a_503_the_sdk_retries() -> None:
     assert orjson.loads(rejection.body)["error"]["code"] == "quota_unavailable"
 
 
+@pytest.mark.integration
 def test_the_pure_modules_import_no_io_library() -> None:
     code = (
         "import sys, meter.quota.policy, meter.quota.periods, meter.quota.spend, meter.quota.decision,"

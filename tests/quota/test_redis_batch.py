@@ -212,6 +212,7 @@ async def test_a_script_unknown_to_redis_is_loaded_in_the_write_that_first_calls
     await batcher.aclose()
 
 
+@pytest.mark.integration
 async def test_a_silent_redis_fails_the_calls_after_the_timeout_and_is_replaced() -> None:
     """A server that completes the connection's handshake and then never answers a script (a Redis
     stuck in a long script, a half-open connection): the calls fail once METER_QUOTA_TIMEOUT has
@@ -285,6 +286,7 @@ async def _start_redis(port: int, workdir: Path) -> asyncio.subprocess.Process:
     raise AssertionError("redis-server did not start")
 
 
+@pytest.mark.integration
 async def test_a_restarted_redis_is_used_again_and_loads_the_scripts_in_the_first_write(
     tmp_path: Path,
 ) -> None:
@@ -312,6 +314,7 @@ async def test_a_restarted_redis_is_used_again_and_loads_the_scripts_in_the_firs
         await redis_process.wait()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(("query", "resp"), [("", "2"), ("&protocol=3", "3")])
 async def test_the_link_speaks_resp2_unless_the_url_asks_for_resp3(query: str, resp: str) -> None:
     """redis-py 8 defaults to RESP3 (HELLO 3, which servers before Redis 6 and some proxies refuse,

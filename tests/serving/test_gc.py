@@ -6,6 +6,10 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.integration  # a child process per test
+
 PROBE = """
 import gc, json, sys
 from meter.serving.gc import settle_collector

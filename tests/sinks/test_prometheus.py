@@ -314,6 +314,7 @@ _WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.integration
 def test_multiprocess_files_add_up_across_processes(tmp_path):
     environment = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     procs = [

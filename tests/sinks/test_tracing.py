@@ -440,6 +440,7 @@ def test_nothing_is_configured_without_otel_variables():
     assert configure_from_environment(disabled, upstream_url="http://u") == (None, None)
 
 
+@pytest.mark.integration
 def test_otlp_endpoint_exports_spans_and_metrics_and_shutdown_drains_them():
     receiver = OTLPReceiver()
     with serve_in_thread(receiver) as server:

@@ -721,6 +721,7 @@ def test_pure_modules_import_only_stdlib_orjson_and_meter(path: str) -> None:
     assert not imported & FORBIDDEN
 
 
+@pytest.mark.integration
 def test_importing_the_tap_loads_no_framework() -> None:
     code = (
         "import sys, meter.tap.sse, meter.tap.usage, meter.tap.fireworks_headers, meter.tap.estimate,"
