@@ -115,3 +115,57 @@ def start_meter(tmp_path: Path) -> Iterator[Callable[..., MeterHandle]]:
 @pytest.fixture
 def meter(start_meter: Callable[..., MeterHandle], simulator: SimHandle) -> MeterHandle:
     return start_meter(simulator.url)
+
+
+# --- unit or integration ----------------------------------------------------------------------------------
+#
+# Every test is marked `unit` or `integration` here (pyproject.toml registers both; `pytest -m unit` runs
+# the fast tests alone). A test is `unit` unless it lives in e2e/, is marked `slow`, `postgres` or
+# `integration`, or uses (itself or through another fixture) one of SERVICE_FIXTURES: the fixtures that
+# start a server or a process, or hand out a database or Redis. A test that starts a server or a process,
+# or talks to Redis, without such a fixture carries `@pytest.mark.integration` itself (or its module a
+# `pytestmark`); a new fixture of that kind joins SERVICE_FIXTURES.
+
+SERVICE_FIXTURES = frozenset(
+    {
+        # servers on loopback ports (this file)
+        "simulator",
+        "scripted",
+        "start_meter",
+        "meter",
+        # the database contract fixtures, SQLite and PostgreSQL (tests/conftest_db.py)
+        "db_sqlite_url",
+        "db_postgres_url",
+        "db_url",
+        "db_engine",
+        # the machine's Redis (tests/quota/conftest.py; its `make_store` marks its Redis case)
+        "redis_handle",
+        # fixtures of one module
+        "served",  # the simulator (tests/simulator/test_app.py)
+        "upstream",  # the simulator (tests/security/test_slow_clients.py)
+        "edge",  # meter (tests/security/test_slow_clients.py)
+        "granian_meter",  # a `meter serve --server granian` process (tests/security/test_granian_edge.py)
+        "hostile",  # a raw TCP upstream (tests/security/test_hostile_upstream.py)
+        "canary",  # a listener meter must never reach (tests/security/test_request_targets.py)
+        "silent_server",  # a server that never answers (tests/db/test_engine.py)
+        "hold",  # processes holding a journal's lock (tests/journal/test_store.py)
+        "redis_prefix",  # the machine's Redis (tests/cli/test_quota.py)
+        "render",  # Helm, a process when the helm binary is installed (tests/deploy/test_config.py)
+    }
+)
+WHOLE_PRODUCT = Path(__file__).parent / "e2e"  # real processes and servers, the openai SDK
+NOT_UNIT_MARKS = ("slow", "postgres", "integration")
+
+
+def is_unit(item: pytest.Item) -> bool:
+    return not (
+        item.path.is_relative_to(WHOLE_PRODUCT)
+        or any(item.get_closest_marker(name) for name in NOT_UNIT_MARKS)
+        or SERVICE_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` selects by the markers
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        item.add_marker(pytest.mark.unit if is_unit(item) else pytest.mark.integration)

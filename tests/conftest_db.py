@@ -1,4 +1,4 @@
-"""Database fixtures for tests/test_db_*.py (and anyone else who needs a real database).
+"""Database fixtures for tests/db/ (and anyone else who needs a real database).
 
 Fixtures (import them into tests/conftest.py to share them):
 

@@ -12,7 +12,7 @@ Rule 3: time ranges are half-open: ``since <= started_at < until``. Naive dateti
 Rule 4: :func:`usage_summary` reads the hourly rollup (``usage_hourly``, meter.db.rollups) whenever
         both ends of the range are on a UTC hour boundary or open, which every grouping and filter
         it offers allows; it never scans raw events then. Other ranges are summed from raw events.
-        The two give identical results for the same events (tests/test_rollups.py checks it). Once
+        The two give identical results for the same events (tests/db/test_rollups.py checks it). Once
         retention has deleted old raw events, only the rollup still knows their hours.
 
 Failure policy: database errors propagate; a report that cannot be computed must say so.

@@ -22,7 +22,7 @@ Rule 5: ``limits`` of a team or key is its quota policy as ``meter.quota.policy.
         a Python None would be stored as JSON ``null``; readers treat both alike).
 
 migrations/versions/0003_tenancy_prices_costs.py creates these tables (0004_quota_limits.py adds
-``limits``); tests/test_db_migrations.py checks they agree.
+``limits``); tests/db/test_migrations.py checks they agree.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The Redis store's Lua scripts: every change to quota state is one of these, run atomically by Redis.
 
 They implement :mod:`meter.quota.store`'s rules with :mod:`meter.quota.decision`'s arithmetic (Rule 2,
-the refusal rule; Rule 3, which breach is reported); ``tests/test_quota_store.py`` holds them and the
+the refusal rule; Rule 3, which breach is reported); ``tests/quota/test_store.py`` holds them and the
 in-memory store to the same cases.
 
 Keys, for subject ``S`` under prefix ``P`` (``base`` = ``P .. S``):

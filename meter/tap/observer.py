@@ -74,7 +74,7 @@ an event boundary, is counted by checking its fixed bytes and reading only its t
 a token stream's chunks are nearly all like that (same id, model and created time, one token of text).
 Decoding such a chunk would only have added its text to ``content_chars``, so the Observation is the
 same either way; a chunk that differs in any byte outside the holes, or that splits an event, takes
-the long way (tests/test_observe_fastpath.py compares both on the recorded fixtures and random
+the long way (tests/tap/test_fastpath.py compares both on the recorded fixtures and random
 splits). Learning costs one extra parse; a stream learns at most three times. A read holding several
 events while a template may still be learnt (a fast upstream's whole stream often arrives in one or
 two reads under load) is taken one event at a time until one teaches a template, so the template

@@ -28,7 +28,7 @@ Python loop), so feeding one byte at a time costs O(n) overall, not O(n^2).
 Fast path: an LLM stream's chunk is nearly always one whole ``data: {...}\n\n`` event with nothing
 pending before it (:attr:`SSEDecoder.at_boundary`); such a chunk becomes its event directly. Anything
 else (CR, other fields, several lines, a partial line, the stream's start) takes the general
-line-by-line path. Both give the same events (tests/test_observe_fastpath.py compares them on every
+line-by-line path. Both give the same events (tests/tap/test_fastpath.py compares them on every
 fixture, split at random).
 """
 

@@ -5,7 +5,7 @@ Revises:
 Create Date: 2024-11-22
 
 Written out in full rather than imported from meter.db.models: a migration is a frozen snapshot, and
-later model changes must not rewrite what 0001 did. tests/test_db_migrations.py checks that head
+later model changes must not rewrite what 0001 did. tests/db/test_migrations.py checks that head
 matches the models.
 """
 

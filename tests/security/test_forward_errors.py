@@ -6,6 +6,8 @@ from __future__ import annotations
 import socket
 import time
 
+import pytest
+
 from meter.forward.handler import Proxy
 from meter.records import UsageRecord
 from meter.tenancy.identity import KeyFingerprinter
@@ -26,6 +28,7 @@ class BrokenUpstream:
     async def aclose(self) -> None: ...
 
 
+@pytest.mark.integration
 def test_a_fault_inside_meter_is_an_openai_500_and_one_record():
     records: list[UsageRecord] = []
     proxy = Proxy(

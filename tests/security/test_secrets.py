@@ -75,6 +75,7 @@ def test_urls_in_text_are_masked_and_json_stays_json() -> None:
 # -- a real `meter serve` -------------------------------------------------------------------------
 
 
+@pytest.mark.integration
 def test_serve_prints_no_password_and_readyz_names_none(tmp_path: Path) -> None:
     """PostgreSQL unreachable, Redis refusing the password, upstream down: the start-up line, the
     warnings, ``/readyz`` and the request log show every URL masked."""
@@ -144,6 +145,7 @@ def _meter_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
     )
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "command",
     [
@@ -164,6 +166,7 @@ def test_cli_names_an_unreachable_database_without_its_password(command: list[st
     assert_no_secret(done.stdout + done.stderr)
 
 
+@pytest.mark.integration
 def test_cli_masks_a_url_it_refuses() -> None:
     done = _meter_cli("usage", env={"METER_DATABASE_URL": f"mysql://meter:{DB_PASSWORD}@db/meter"})
     assert done.returncode == 2 and "mysql://meter:***@db/meter" in done.stderr

@@ -444,6 +444,7 @@ def test_the_defaults_are_nginx_like():
     assert settings.max_client_connections == 1024
 
 
+@pytest.mark.integration
 def test_socket_helper_sees_a_reset_as_a_failure():
     """The tests above rely on Wire.closed() telling a graceful close from a reset."""
     listener = socket.create_server(("127.0.0.1", 0))

@@ -148,6 +148,7 @@ def test_rss_reader_reads_this_process():
     assert rss(os.getpid()) > 1024 * 1024
 
 
+@pytest.mark.integration
 def test_unread_by_server_sees_unread_bytes():
     listener = socket.create_server(("127.0.0.1", 0))
     port = listener.getsockname()[1]
