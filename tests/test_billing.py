@@ -24,7 +24,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meter.billing.ledger import billing_report, rerate
 from meter.billing.prices import from_nanos
 from meter.billing.rating import BillingReport, month_range
-from meter.cli.manage import COMMANDS
+from meter.cli.main import MANAGEMENT_COMMANDS as COMMANDS
 from meter.db import migrate
 from meter.db.engine import create_engine
 from meter.db.insert import write_batch

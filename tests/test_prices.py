@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meter.billing.catalog import parse_usd
 from meter.billing.prices import Price, PriceRow, default_price_rows, load_price_file
 from meter.billing.rating import PricedCatalog, pick_row, price_record
-from meter.cli.manage import COMMANDS
+from meter.cli.main import MANAGEMENT_COMMANDS as COMMANDS
 from meter.db import migrate
 from meter.errors import RequestError
 from meter.tenancy import Tenancy, TenancyConfig
