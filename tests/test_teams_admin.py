@@ -16,14 +16,8 @@ from litestar.exceptions import HTTPException
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.admin.manage import manage_router
-from meter.admin.usage import (
-    admin_router,
-    http_error_handler,
-    meter_error_handler,
-    openapi_config,
-    require_admin,
-)
+from meter.admin import admin_routers, openapi_config
+from meter.admin.auth import http_error_handler, meter_error_handler, require_admin
 from meter.db.tenancy_models import api_keys, audit_log
 from meter.errors import AuthenticationError, MeterError
 from meter.tenancy import Tenancy, TenancyConfig
@@ -38,7 +32,7 @@ FP = KeyFingerprinter(b"0123456789abcdef0123456789abcdef")
 def admin_app(engine: AsyncEngine, tenancy: Tenancy, token: str | None = TOKEN) -> Litestar:
     """The admin part of meter's litestar app, composed as meter.app does."""
     app = Litestar(
-        route_handlers=[admin_router(), manage_router()],
+        route_handlers=admin_routers(),
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
         openapi_config=openapi_config("test"),
         logging_config=None,
@@ -215,16 +209,16 @@ class _Connection:
 
 
 def test_admin_tokens_are_compared_as_fixed_length_digests(monkeypatch):
-    import meter.admin.usage
+    import meter.admin.auth
 
     seen: list[tuple[int, int]] = []
-    real = meter.admin.usage.hmac.compare_digest
+    real = meter.admin.auth.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         seen.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(meter.admin.usage.hmac, "compare_digest", spy)
+    monkeypatch.setattr(meter.admin.auth.hmac, "compare_digest", spy)
     for token in ("x", TOKEN[:-1], "y" * 500, TOKEN):
         coroutine = require_admin(_Connection(token), None)  # type: ignore[arg-type]
         with contextlib.suppress(AuthenticationError, StopIteration):
