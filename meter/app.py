@@ -27,8 +27,8 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from meter import __version__
-from meter.admin.manage import manage_router
-from meter.admin.usage import admin_router, http_error_handler, meter_error_handler, openapi_config
+from meter.admin import admin_routers, openapi_config
+from meter.admin.auth import http_error_handler, meter_error_handler
 from meter.db.engine import create_engine, ping
 from meter.db.migrate import upgrade
 from meter.errors import MeterError
@@ -42,7 +42,7 @@ from meter.pipeline.pump import Pipeline
 from meter.quota.runtime import Quotas
 from meter.records import UsageRecord
 from meter.serving.gc import settle_collector
-from meter.serving.options import REFUSALS_STATE_KEY
+from meter.serving.limits import REFUSALS_STATE_KEY
 from meter.settings import Settings
 from meter.sinks.prometheus import ProxyMetrics, exposition_registry
 from meter.sinks.requestlog import RequestLog, resolve_format
@@ -240,7 +240,7 @@ def create_app(
             await asyncio.to_thread(shutdown_telemetry, runtime.tracer, runtime.meter_provider)
 
     litestar = Litestar(
-        route_handlers=[*HEALTH_ROUTES, admin_router(), manage_router()],
+        route_handlers=[*HEALTH_ROUTES, *admin_routers()],
         on_startup=[on_startup],
         on_shutdown=[on_shutdown],
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},

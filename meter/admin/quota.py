@@ -1,5 +1,5 @@
 """The admin API for quota limits and live quota status, under ``/admin/v1`` (mounted by
-:func:`meter.admin.manage.manage_router`, so the same guard, error shape and audit actor apply).
+:func:`meter.admin.admin_routers` with the other resources: the same guard, error shape and audit actor).
 
 Endpoints:
 
@@ -19,15 +19,13 @@ from typing import Annotated, Any
 from litestar import Request, delete, get, put
 from litestar.params import Body
 
+from meter.admin.context import actor, tenancy
 from meter.errors import MeterError, StoreUnavailable
 from meter.quota.admission import Admission
 from meter.quota.report import render_status
 from meter.quota.store import SubjectState
-from meter.tenancy.audit import admin_actor
-from meter.tenancy.identity import bearer_token
 from meter.tenancy.key_store import KeyInfo
 from meter.tenancy.limits import limits_json
-from meter.tenancy.runtime import Tenancy
 from meter.tenancy.team_store import Team
 
 
@@ -51,16 +49,6 @@ LimitsBody = Annotated[
         ),
     ),
 ]
-
-
-def _tenancy(request: Request[Any, Any, Any]) -> Tenancy:
-    tenancy: Tenancy = request.app.state.tenancy
-    return tenancy
-
-
-def _actor(request: Request[Any, Any, Any]) -> str:
-    token = bearer_token(request.headers.get("authorization")) or ""
-    return admin_actor(token, _tenancy(request).fingerprinter)
 
 
 def _team_limits(team: Team) -> dict[str, Any]:
@@ -87,7 +75,7 @@ def _key_who(key: KeyInfo) -> dict[str, Any]:
 @get("/teams/{name:str}/limits")
 async def show_team_limits(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     """The team's quota limits (``limits`` null: none)."""
-    return _team_limits(await _tenancy(request).store.get_team(name))
+    return _team_limits(await tenancy(request).store.get_team(name))
 
 
 @put("/teams/{name:str}/limits")
@@ -95,35 +83,35 @@ async def set_team_limits(request: Request[Any, Any, Any], name: str, data: Limi
     """Replace the team's quota limits: budget_usd (decimal string), budget_period (day, week, month),
     tokens_budget, prompt_tokens_budget, completion_tokens_budget, rpm, tpm, max_concurrent (integers),
     soft_ratio (decimal string in (0, 1]). Fields left out or null have no limit."""
-    team = await _tenancy(request).store.set_team_limits(name, data, actor=_actor(request))
+    team = await tenancy(request).store.set_team_limits(name, data, actor=actor(request))
     return _team_limits(team)
 
 
 @delete("/teams/{name:str}/limits", status_code=200)
 async def clear_team_limits(request: Request[Any, Any, Any], name: str) -> dict[str, Any]:
     """Remove the team's quota limits."""
-    team = await _tenancy(request).store.set_team_limits(name, None, actor=_actor(request))
+    team = await tenancy(request).store.set_team_limits(name, None, actor=actor(request))
     return _team_limits(team)
 
 
 @get("/keys/{key_id:int}/limits")
 async def show_key_limits(request: Request[Any, Any, Any], key_id: int) -> dict[str, Any]:
     """The key's own quota limits (its team's apply as well)."""
-    return _key_limits(await _tenancy(request).store.get_key(key_id))
+    return _key_limits(await tenancy(request).store.get_key(key_id))
 
 
 @put("/keys/{key_id:int}/limits")
 async def set_key_limits(request: Request[Any, Any, Any], key_id: int, data: LimitsBody) -> dict[str, Any]:
     """Replace the key's quota limits (same fields as a team's). A request must pass both its key's
     and its team's limits."""
-    key = await _tenancy(request).store.set_key_limits(key_id, data, actor=_actor(request))
+    key = await tenancy(request).store.set_key_limits(key_id, data, actor=actor(request))
     return _key_limits(key)
 
 
 @delete("/keys/{key_id:int}/limits", status_code=200)
 async def clear_key_limits(request: Request[Any, Any, Any], key_id: int) -> dict[str, Any]:
     """Remove the key's quota limits."""
-    key = await _tenancy(request).store.set_key_limits(key_id, None, actor=_actor(request))
+    key = await tenancy(request).store.set_key_limits(key_id, None, actor=actor(request))
     return _key_limits(key)
 
 
@@ -143,8 +131,8 @@ async def quota_status(
             "quotas are not enforced by this meter process, so it has no live quota status; "
             "`meter quota status` reads it from Redis or the database"
         )
-    tenancy = _tenancy(request)
-    store = tenancy.store
+    found = tenancy(request)
+    store = found.store
     now = store.clock()
     # (who, team name, key fingerprint) per status call; the fingerprint never leaves this function.
     asks: list[tuple[list[dict[str, Any]], str | None, str | None]] = []
@@ -161,7 +149,7 @@ async def quota_status(
         asks.append((who, team, fingerprint))
     else:
         keys = {key.fingerprint: key for key in await store.list_keys()}
-        for subject, _ in tenancy.limited_subjects():
+        for subject, _ in found.limited_subjects():
             if subject.kind == "team":
                 asks.append(([{"kind": "team", "team": subject.name}], subject.name, None))
             elif subject.name in keys:
@@ -181,7 +169,7 @@ async def quota_status(
     return answer
 
 
-QUOTA_ROUTES = [
+ROUTES = [
     show_team_limits,
     set_team_limits,
     clear_team_limits,

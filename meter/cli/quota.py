@@ -12,7 +12,6 @@ as ``-``). Its output names the source it used.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -20,7 +19,16 @@ from typing import Any
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.cli.context import actor, database_option, echo_rows, open_store, run_action
+from meter.cli.context import (
+    actor,
+    database_option,
+    echo_json,
+    echo_rows,
+    open_store,
+    option_errors,
+    run_action,
+    table_or_json_option,
+)
 from meter.redact import mask_url
 
 team_option = click.option("--team", "team_name", default=None, help="The team.")
@@ -88,7 +96,6 @@ def quota_set(
 ) -> None:
     """Set the quota limits of a team or key, replacing all of its previous ones (a limit not given
     is removed). A request must pass both its team's and its key's limits."""
-    from meter.errors import RequestError
     from meter.quota.report import limits_summary
     from meter.tenancy.limits import parse_limits
 
@@ -104,10 +111,8 @@ def quota_set(
         "max_concurrent": max_concurrent,
         "soft_ratio": soft_ratio,
     }
-    try:
+    with option_errors(by_param=OPTIONS):
         limits = parse_limits(values)
-    except RequestError as exc:
-        raise click.BadParameter(exc.message, param_hint=OPTIONS.get(exc.param or "")) from None
     if limits.is_empty:
         raise click.UsageError("give at least one limit; `meter quota clear` removes them all")
 
@@ -143,7 +148,7 @@ def quota_clear(team_name: str | None, key_id: int | None, database_url: str | N
 @quota.command("show")
 @team_option
 @key_option
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@table_or_json_option
 @database_option
 def quota_show(team_name: str | None, key_id: int | None, fmt: str, database_url: str | None) -> None:
     """The quota limits of a team or key, as stored."""
@@ -161,7 +166,7 @@ def quota_show(team_name: str | None, key_id: int | None, fmt: str, database_url
 
     shown = run_action(database_url, action)
     if fmt == "json":
-        click.echo(json.dumps(shown, indent=2))
+        echo_json(shown)
         return
     limits = shown["limits"]
     if limits is None:
@@ -176,7 +181,7 @@ def quota_show(team_name: str | None, key_id: int | None, fmt: str, database_url
 @quota.command("status")
 @team_option
 @key_option
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+@table_or_json_option
 @database_option
 def quota_status(team_name: str | None, key_id: int | None, fmt: str, database_url: str | None) -> None:
     """Usage against every limit of a team and/or key (every subject with limits when neither is
@@ -199,7 +204,7 @@ def quota_status(team_name: str | None, key_id: int | None, fmt: str, database_u
 
     status = run_action(database_url, action)
     if fmt == "json":
-        click.echo(json.dumps(status, indent=2))
+        echo_json(status)
         return
     if status["source"] == "redis":
         click.echo(f"source: live counters in Redis ({status['redis']}), as every replica sees them")

@@ -59,7 +59,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 from uvicorn.server import ServerState
 
 from meter.errors import MalformedRequest, MeterError, RequestHeadTooLarge, RequestTimeout, TooManyConnections
-from meter.serving.options import REFUSALS_STATE_KEY, ConnectionLimits
+from meter.serving.limits import REFUSALS_STATE_KEY, ConnectionLimits
 
 log = logging.getLogger("meter.serving.options")
 

@@ -3,7 +3,8 @@
 Whoever can reach meter's port can open connections and send nothing, send a request head a byte a
 minute, or send megabytes of headers. uvicorn's httptools protocol bounds none of these (its one timer is
 the keep-alive timer, armed after a response), so meter's uvicorn runs
-:class:`meter.serving.guard.GuardedHttpToolsProtocol` with the :class:`ConnectionLimits` below; what each
+:class:`meter.serving.guard.GuardedHttpToolsProtocol` with the
+:class:`~meter.serving.limits.ConnectionLimits`; what each
 limit does is that module's rules. granian enforces what its HTTP/1 settings offer
 (:func:`granian_options` says what that leaves out).
 
@@ -17,51 +18,18 @@ import functools
 import logging
 import math
 import resource
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+from meter.serving.limits import ConnectionLimits
 
 if TYPE_CHECKING:
     from meter.settings import Settings
 
 log = logging.getLogger("meter.serving.options")
 
-# The ASGI lifespan state key under which the application leaves a ``count(reason)`` callable for the
-# connections' refusals (meter.serving.guard; meter.sinks.prometheus exports them).
-REFUSALS_STATE_KEY = "meter.connection_refusals"
-REFUSAL_REASONS = (
-    "too_many_connections",
-    "head_too_large",
-    "head_timeout",
-    "malformed",
-    "send_timeout",
-)
-
 # File descriptors a serving process needs besides client and upstream connections: listening socket,
 # database, Redis, journal segments, log files, the event loop's own.
 _OTHER_FILES = 128
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionLimits:
-    """Per serving process (each of ``--workers N`` has its own)."""
-
-    max_head_bytes: int  # request line + header lines
-    max_header_fields: int
-    head_timeout: float  # seconds for a whole request head
-    keepalive_timeout: float  # idle seconds between requests
-    send_timeout: float  # seconds the write buffer may stay full (the client not reading)
-    max_connections: int  # open client connections
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> ConnectionLimits:
-        return cls(
-            max_head_bytes=settings.max_request_head_bytes,
-            max_header_fields=settings.max_request_headers,
-            head_timeout=settings.client_header_timeout,
-            keepalive_timeout=settings.client_keepalive_timeout,
-            send_timeout=settings.client_send_timeout,
-            max_connections=settings.max_client_connections,
-        )
 
 
 def uvicorn_options(settings: Settings) -> dict[str, Any]:

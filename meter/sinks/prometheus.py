@@ -41,7 +41,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 
 from meter import __version__
 from meter.records import Outcome, UsageRecord, UsageSource
-from meter.serving.options import REFUSAL_REASONS
+from meter.serving.limits import REFUSAL_REASONS
 
 KNOWN_ENDPOINTS = frozenset(
     {

@@ -15,10 +15,3 @@ Modules, in data-flow order:
   refresh loop.
 * the errors above live in :mod:`meter.errors` with the rest of the hierarchy.
 """
-
-from __future__ import annotations
-
-from meter.tenancy.keys import UNASSIGNED, Resolution, ResolutionKind, UnknownKeyPolicy
-from meter.tenancy.runtime import Tenancy, TenancyConfig
-
-__all__ = ["UNASSIGNED", "Resolution", "ResolutionKind", "Tenancy", "TenancyConfig", "UnknownKeyPolicy"]

@@ -14,13 +14,11 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.admin.usage import (
-    require_admin,
-)
+from meter.admin.auth import require_admin
 from meter.db.tenancy_models import api_keys, audit_log
 from meter.errors import AuthenticationError
-from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.audit import admin_actor
+from meter.tenancy.runtime import Tenancy, TenancyConfig
 from tests.support.admin import AUTH, FP, TOKEN, admin_app, asgi_client
 
 
@@ -185,16 +183,16 @@ class _Connection:
 
 
 def test_admin_tokens_are_compared_as_fixed_length_digests(monkeypatch):
-    import meter.admin.usage
+    import meter.admin.auth
 
     seen: list[tuple[int, int]] = []
-    real = meter.admin.usage.hmac.compare_digest
+    real = meter.admin.auth.hmac.compare_digest
 
     def spy(a: bytes, b: bytes) -> bool:
         seen.append((len(a), len(b)))
         return real(a, b)
 
-    monkeypatch.setattr(meter.admin.usage.hmac, "compare_digest", spy)
+    monkeypatch.setattr(meter.admin.auth.hmac, "compare_digest", spy)
     for token in ("x", TOKEN[:-1], "y" * 500, TOKEN):
         coroutine = require_admin(_Connection(token), None)  # type: ignore[arg-type]
         with contextlib.suppress(AuthenticationError, StopIteration):

@@ -20,8 +20,8 @@ from meter.quota.memory import MemoryStore
 from meter.quota.policy import Limits, Policy
 from meter.quota.store import SubjectState
 from meter.records import Usage
-from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.audit import admin_actor
+from meter.tenancy.runtime import Tenancy, TenancyConfig
 from tests.support.admin import AUTH, FP, TOKEN, admin_app, asgi_client
 from tests.support.quota import INFO, price
 

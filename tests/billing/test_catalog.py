@@ -19,11 +19,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meter.billing.catalog import parse_usd
 from meter.billing.prices import Price, PriceRow, default_price_rows, load_price_file
 from meter.billing.rating import PricedCatalog, pick_row, price_record
-from meter.cli.manage import COMMANDS
+from meter.cli.main import MANAGEMENT_COMMANDS as COMMANDS
 from meter.db import migrate
 from meter.errors import RequestError
-from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.identity import KeyFingerprinter
+from meter.tenancy.runtime import Tenancy, TenancyConfig
 from tests.conftest_db import make_record
 from tests.support.admin import AUTH, admin_app, asgi_client
 

@@ -24,14 +24,14 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meter.billing.ledger import billing_report, rerate
 from meter.billing.prices import from_nanos
 from meter.billing.rating import BillingReport, month_range
-from meter.cli.manage import COMMANDS
+from meter.cli.main import MANAGEMENT_COMMANDS as COMMANDS
 from meter.db import migrate
 from meter.db.engine import create_engine
 from meter.db.insert import write_batch
 from meter.db.models import record_to_row, usage_events, usage_hourly
 from meter.records import UsageRecord
-from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.identity import KeyFingerprinter
+from meter.tenancy.runtime import Tenancy, TenancyConfig
 from tests.conftest_db import make_record
 from tests.support.admin import AUTH, admin_app, asgi_client
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from meter.cli.manage import COMMANDS
+from meter.cli.main import MANAGEMENT_COMMANDS as COMMANDS
 from meter.db import migrate
 from meter.db.engine import create_engine
 from meter.db.insert import write_batch

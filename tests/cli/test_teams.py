@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from meter.cli.manage import COMMANDS
+from meter.cli.main import MANAGEMENT_COMMANDS as COMMANDS
 from meter.db import migrate
 
 SECRET = "0123456789abcdef0123456789abcdef"

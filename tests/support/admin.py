@@ -8,11 +8,11 @@ from litestar import Litestar
 from litestar.exceptions import HTTPException
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.admin.manage import manage_router
-from meter.admin.usage import admin_router, http_error_handler, meter_error_handler, openapi_config
+from meter.admin import admin_routers, openapi_config
+from meter.admin.auth import http_error_handler, meter_error_handler
 from meter.errors import MeterError
-from meter.tenancy import Tenancy
 from meter.tenancy.identity import KeyFingerprinter
+from meter.tenancy.runtime import Tenancy
 
 TOKEN = "admin-token-for-tests-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -22,7 +22,7 @@ FP = KeyFingerprinter(b"0123456789abcdef0123456789abcdef")
 def admin_app(engine: AsyncEngine, tenancy: Tenancy, token: str | None = TOKEN) -> Litestar:
     """The admin part of meter's litestar app, composed as meter.app does."""
     app = Litestar(
-        route_handlers=[admin_router(), manage_router()],
+        route_handlers=admin_routers(),
         exception_handlers={MeterError: meter_error_handler, HTTPException: http_error_handler},
         openapi_config=openapi_config("test"),
         logging_config=None,

@@ -16,8 +16,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from meter.db.tenancy_models import api_keys, teams
 from meter.errors import NotFound, RequestError
 from meter.quota.policy import Limits, Subject
-from meter.tenancy import Tenancy, TenancyConfig
 from meter.tenancy.identity import KeyFingerprinter
+from meter.tenancy.runtime import Tenancy, TenancyConfig
 from meter.tenancy.store import TenancyStore
 
 FP = KeyFingerprinter(b"0123456789abcdef0123456789abcdef")

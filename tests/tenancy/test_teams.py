@@ -19,7 +19,6 @@ from meter.errors import (
     RequestError,
     UpstreamCredentialMissing,
 )
-from meter.tenancy import Tenancy, TenancyConfig, UnknownKeyPolicy
 from meter.tenancy.credentials import UpstreamCredentials, load_credentials_file
 from meter.tenancy.identity import KeyFingerprinter
 from meter.tenancy.keys import (
@@ -27,9 +26,11 @@ from meter.tenancy.keys import (
     KeyEntry,
     KeyKind,
     ResolutionKind,
+    UnknownKeyPolicy,
     new_virtual_key,
     resolve,
 )
+from meter.tenancy.runtime import Tenancy, TenancyConfig
 from meter.tenancy.store import TenancyStore
 
 SECRET = b"0123456789abcdef0123456789abcdef"

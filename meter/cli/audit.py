@@ -1,10 +1,5 @@
-"""``meter team|key|prices|billing|audit|quota``: the admin API's powers from the command line.
-
-The groups live by concept: ``team`` and ``key`` in :mod:`meter.cli.teams`, ``prices`` and
-``billing`` in :mod:`meter.cli.billing`, ``quota`` in :mod:`meter.cli.quota`; how each command reaches
-the database (and is audited as ``cli:<user>``) in :mod:`meter.cli.context`. ``audit``, which shows the
-changes of them all, is here.
-"""
+"""``meter audit``: the admin changes made through the admin API or the CLI, newest first (the same
+log as the admin API's ``GET /admin/v1/audit``)."""
 
 from __future__ import annotations
 
@@ -13,7 +8,6 @@ from typing import Any
 import click
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from meter.cli.billing import billing, prices
 from meter.cli.context import (
     database_option,
     echo_rows,
@@ -22,10 +16,6 @@ from meter.cli.context import (
     parse_time_option,
     run_action,
 )
-from meter.cli.quota import quota
-from meter.cli.teams import key, team
-
-# -- audit ----------------------------------------------------------------------------------------
 
 
 @click.command()
@@ -43,6 +33,3 @@ def audit(limit: int, since: str | None, target: str | None, fmt: str, database_
 
     entries = run_action(database_url, action)
     echo_rows([entry.to_json() for entry in entries], fmt)
-
-
-COMMANDS = (team, key, prices, billing, audit, quota)
