@@ -20,6 +20,7 @@ Hierarchy::
     ├── UpstreamCredentialMissing 500 upstream_credential_missing: a virtual key's team names a
     │                                 credential this process was not given
     ├── DirectoryUnavailable      503 key_directory_unavailable: the key directory has not loaded yet
+    ├── QuotaUnavailable          503 quota_unavailable: no live quota status (admin API)
     ├── TooManyConnections        503: the process holds its maximum of client connections (the serving edge)
     └── UpstreamError             5xx: meter could not complete the exchange with the upstream
         ├── UpstreamUnreachable   502: connection refused / DNS / TLS / reset before a response
@@ -183,6 +184,14 @@ class UpstreamCredentialMissing(KeyRefusal, MeterError):
     status_code = 500
     error_type = "api_error"
     code = "upstream_credential_missing"
+
+
+class QuotaUnavailable(MeterError):
+    """503: no live quota status (quotas not running in this process, or their store unreachable)."""
+
+    status_code = 503
+    error_type = "api_error"
+    code = "quota_unavailable"
 
 
 class DirectoryUnavailable(MeterError):

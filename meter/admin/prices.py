@@ -17,7 +17,7 @@ import msgspec
 from litestar import Request, get, post
 
 from meter.admin.context import actor, aware, tenancy
-from meter.billing.catalog import row_to_json
+from meter.billing.catalog import listing, row_to_json
 from meter.errors import NotFound
 from meter.report_params import parse_time
 
@@ -34,14 +34,7 @@ class PriceCreate(msgspec.Struct, forbid_unknown_fields=True):
 @get("/prices")
 async def list_prices(request: Request[Any, Any, Any], model: str | None = None) -> dict[str, Any]:
     """Every price row of the catalog (shipped sheet, price file, database), or one model's."""
-    catalog = tenancy(request).prices.catalog
-    rows = [
-        row_to_json(row, catalog.ref(row))
-        for origin in ("sheet", "file", "db")
-        for row in catalog.sources[origin]
-        if model is None or row.model == model
-    ]
-    return {"object": "list", "data": rows}
+    return {"object": "list", "data": listing(tenancy(request).prices.catalog, model)}
 
 
 @post("/prices", status_code=201)

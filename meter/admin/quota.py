@@ -20,22 +20,13 @@ from litestar import Request, delete, get, put
 from litestar.params import Body
 
 from meter.admin.context import actor, tenancy
-from meter.errors import MeterError, StoreUnavailable
+from meter.errors import QuotaUnavailable, StoreUnavailable
 from meter.quota.admission import Admission
 from meter.quota.report import render_status
 from meter.quota.store import SubjectState
 from meter.tenancy.key_store import KeyInfo
 from meter.tenancy.limits import limits_json
 from meter.tenancy.team_store import Team
-
-
-class QuotaUnavailable(MeterError):
-    """503: no live quota status (quotas not running in this process, or their store unreachable)."""
-
-    status_code = 503
-    error_type = "api_error"
-    code = "quota_unavailable"
-
 
 LimitsBody = Annotated[
     Any,

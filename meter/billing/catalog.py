@@ -80,6 +80,17 @@ def row_to_json(row: PriceRow, ref: str) -> dict[str, Any]:
     }
 
 
+def listing(catalog: PricedCatalog, model: str | None = None) -> list[dict[str, Any]]:
+    """Every row of the catalog as JSON (shipped sheet, price file, database, in that order), or only
+    ``model``'s: what ``GET /admin/v1/prices`` and ``meter prices list`` show."""
+    return [
+        row_to_json(row, catalog.ref(row))
+        for origin in ("sheet", "file", "db")
+        for row in catalog.sources[origin]
+        if model is None or row.model == model
+    ]
+
+
 def _usd(nanos: int) -> Decimal:
     """Stored nano-USD per 1M as the shortest exact Decimal ("0.20" comes back as 0.2, not 0.200000000)."""
     value = from_nanos(int(nanos)).normalize()

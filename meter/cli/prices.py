@@ -37,20 +37,13 @@ def prices() -> None:
 @database_option
 def prices_list(model: str | None, fmt: str, database_url: str | None) -> None:
     """Every price row: shipped sheet, price file, database (USD per 1M tokens)."""
-    from meter.billing.catalog import row_to_json
+    from meter.billing.catalog import listing
 
     async def action(engine: AsyncEngine, settings: Any) -> Any:
         return await load_catalog(engine, settings)
 
-    catalog = run_action(database_url, action)
-    rows = []
-    for origin in ("sheet", "file", "db"):
-        for row in catalog.sources[origin]:
-            if model is None or row.model == model:
-                data = row_to_json(row, catalog.ref(row))
-                del data["object"], data["id"]
-                rows.append(data)
-    echo_rows(rows, fmt)
+    rows = listing(run_action(database_url, action), model)
+    echo_rows([{k: v for k, v in row.items() if k not in ("object", "id")} for row in rows], fmt)
 
 
 @prices.command("set")
