@@ -2,7 +2,7 @@
 and CPU time.
 
 Every process is started in its own session (process group) so that stopping it stops its workers
-(granian's, uvicorn's with ``--workers``) and nothing else. Pinning is inherited by children.
+(uvicorn's with ``--workers``) and nothing else. Pinning is inherited by children.
 
 Pinning (``--pin auto``, the default on two or more CPUs): meter (and the ``--baseline`` pass-through,
 measured in its place) gets the last CPU to itself; the simulator and the load generators share the
@@ -254,7 +254,7 @@ def peak_rss(process: Process) -> dict[str, Any]:
     """Peak resident memory (VmHWM) of meter's processes, in MB (10^6 bytes).
 
     ``serving_mb`` sums the processes that serve requests: the worker children when there are any
-    (granian always runs its app in a child; uvicorn only with ``--workers`` > 1), else the process
+    (uvicorn runs its app in a child only with ``--workers`` > 1), else the process
     itself. ``total_mb`` adds the supervisor.
     """
     children = descendants(process.pid)

@@ -350,10 +350,8 @@ def render(results: dict[str, Any]) -> str:
         ],
         rows,
     )
-    out.append("  idle = VmRSS after warm-up; peak = VmHWM of the serving process(es) (granian: its worker;")
-    out.append(
-        "  uvicorn: the one process) over the steps. records = rows in meter's SQLite file after shutdown;"
-    )
+    out.append("  idle = VmRSS after warm-up; peak = VmHWM of the serving process over the steps.")
+    out.append("  records = rows in meter's SQLite file after shutdown;")
     out.append("  requests seen = requests the simulator received while that target was being measured.")
 
     out.append("")
@@ -398,7 +396,7 @@ def render(results: dict[str, Any]) -> str:
             )
     out += _table(["target", "check", "value", "target", "verdict", "note"], rows)
 
-    for key, title in (("servers", "SERVERS  uvicorn vs granian"), ("clients", "CLIENTS  forward client")):
+    for key, title in (("servers", "SERVERS  ASGI server"), ("clients", "CLIENTS  forward client")):
         if not results.get(key):
             continue
         out.append("")

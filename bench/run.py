@@ -54,8 +54,8 @@ from bench.targets import (
     wait_writer_idle,
 )
 
-SERVERS = ("uvicorn", "granian")
-CLIENTS = ("aiohttp", "httpx", "httpx-aiohttp")
+SERVERS = ("uvicorn",)
+CLIENTS = ("aiohttp", "httpx")
 MODEL = "accounts/fireworks/models/llama-v3p1-8b-instruct"
 STREAM_CHUNKS = 20  # max_tokens: the simulator sends one content chunk per token
 KEY = "sk-bench-00000000000000000000000000000001"
@@ -109,7 +109,7 @@ def parse_args(argv: list[str] | None) -> Options:
         "--server",
         choices=[*SERVERS, "all"],
         default=None,
-        help="meter's ASGI server (default: all; --quick: uvicorn)",
+        help="meter's ASGI server (uvicorn, the only one)",
     )
     parser.add_argument(
         "--client",
@@ -495,7 +495,7 @@ def _source_state() -> str:
 
 def _versions() -> dict[str, str]:
     out = {}
-    for package in ("meter", "aiohttp", "httpx", "httpx-aiohttp", "uvicorn", "granian", "uvloop", "litestar"):
+    for package in ("meter", "aiohttp", "httpx", "uvicorn", "uvloop", "litestar"):
         try:
             out[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:

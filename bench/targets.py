@@ -99,8 +99,6 @@ def start_meter(
         sim_url,
         "--database",
         f"sqlite:///{db_path}",
-        "--server",
-        server,
         "--log-level",
         "warning",
     )

@@ -31,7 +31,7 @@ class Settings:
     key_secret: str | None = None  # HMAC secret for key fingerprints; generated beside a SQLite file if unset
     key_secret_file: str | None = None  # where the generated secret lives (default: beside the SQLite file)
     admin_token: str | None = None
-    upstream_client: str = "aiohttp"  # "aiohttp", "httpx" or "httpx-aiohttp"
+    upstream_client: str = "aiohttp"  # "aiohttp" or "httpx"
     upstream_connect_timeout: float = 10.0
     upstream_read_timeout: float = 600.0  # between two chunks of the upstream's response
     upstream_max_connections: int = 1000
@@ -50,7 +50,6 @@ class Settings:
     client_keepalive_timeout: float = 75.0  # seconds an idle kept-alive connection stays open
     client_send_timeout: float = 60.0  # seconds a client may leave meter's full write buffer unread
     max_client_connections: int = 1024  # open client connections; beyond them a new one gets 503
-    server: str = "uvicorn"  # "uvicorn" or "granian"
     log_level: str = "info"
     log_format: str = "auto"  # "json", "text", or "auto": text on a terminal, JSON otherwise
     # Every OTEL_* variable, for meter.sinks.otel_config (OpenTelemetry is off unless they configure an
@@ -208,7 +207,7 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_KEY_SECRET": ("key_secret", _text),
     "METER_KEY_SECRET_FILE": ("key_secret_file", _text),
     "METER_ADMIN_TOKEN": ("admin_token", _text),
-    "METER_UPSTREAM_CLIENT": ("upstream_client", _choice("aiohttp", "httpx", "httpx-aiohttp")),
+    "METER_UPSTREAM_CLIENT": ("upstream_client", _choice("aiohttp", "httpx")),
     "METER_UPSTREAM_CONNECT_TIMEOUT": ("upstream_connect_timeout", _positive_float),
     "METER_UPSTREAM_READ_TIMEOUT": ("upstream_read_timeout", _positive_float),
     "METER_UPSTREAM_MAX_CONNECTIONS": ("upstream_max_connections", _positive_int),
@@ -223,7 +222,6 @@ ENVIRONMENT: dict[str, tuple[str, Callable[[str], Any]]] = {
     "METER_CLIENT_KEEPALIVE_TIMEOUT": ("client_keepalive_timeout", _positive_float),
     "METER_CLIENT_SEND_TIMEOUT": ("client_send_timeout", _positive_float),
     "METER_MAX_CLIENT_CONNECTIONS": ("max_client_connections", _positive_int),
-    "METER_SERVER": ("server", _choice("uvicorn", "granian")),
     "METER_LOG_LEVEL": ("log_level", _choice("debug", "info", "warning", "error")),
     "METER_LOG_FORMAT": ("log_format", _choice("auto", "json", "text")),
     "METER_AUTO_MIGRATE": ("auto_migrate", _parse_bool),

@@ -144,7 +144,6 @@ SERVICE_FIXTURES = frozenset(
         "served",  # the simulator (tests/simulator/test_app.py)
         "upstream",  # the simulator (tests/security/test_slow_clients.py)
         "edge",  # meter (tests/security/test_slow_clients.py)
-        "granian_meter",  # a `meter serve --server granian` process (tests/security/test_granian_edge.py)
         "hostile",  # a raw TCP upstream (tests/security/test_hostile_upstream.py)
         "canary",  # a listener meter must never reach (tests/security/test_request_targets.py)
         "silent_server",  # a server that never answers (tests/db/test_engine.py)

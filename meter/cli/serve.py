@@ -53,9 +53,6 @@ def _configure_logging(settings: Settings) -> None:
 @database_option
 @click.option("--workers", type=int, default=None, help="Worker processes [METER_WORKERS; default 1].")
 @click.option(
-    "--server", type=click.Choice(["uvicorn", "granian"]), default=None, help="ASGI server [METER_SERVER]."
-)
-@click.option(
     "--log-level",
     type=click.Choice(["debug", "info", "warning", "error"]),
     default=None,
@@ -105,12 +102,7 @@ def serve(**flags: Any) -> None:
 
 
 def _run_server(settings: Settings) -> None:
-    from meter.serving.options import (
-        granian_options,
-        open_files_needed,
-        raise_open_file_limit,
-        uvicorn_options,
-    )
+    from meter.serving.options import open_files_needed, raise_open_file_limit, uvicorn_options
 
     logging.getLogger("meter").info(
         "meter listening on http://%s:%d, forwarding to %s, recording to %s",
@@ -120,21 +112,6 @@ def _run_server(settings: Settings) -> None:
         mask_url(settings.database_url),
     )
     raise_open_file_limit(open_files_needed(settings))  # before the workers start: they inherit it
-    if settings.server == "granian":
-        from granian import Granian
-        from granian.constants import Interfaces
-
-        Granian(
-            WORKER_APP,
-            address=settings.host,
-            port=settings.port,
-            interface=Interfaces.ASGI,
-            workers=settings.workers,
-            factory=True,
-            log_level=settings.log_level,  # type: ignore[arg-type]
-            **granian_options(settings),
-        ).serve()
-        return
     import uvicorn
 
     uvicorn.run(

@@ -1,11 +1,10 @@
 """The upstream client: one shared keep-alive connection pool, responses streamed chunk by chunk.
 
-Three interchangeable clients sit behind :class:`Upstream` (setting ``METER_UPSTREAM_CLIENT``):
+Two interchangeable clients sit behind :class:`Upstream` (setting ``METER_UPSTREAM_CLIENT``):
 
 * ``aiohttp`` (default): aiohttp's client directly. The fastest on the benchmark
   (docs/performance.md), which is why the forward path uses it rather than httpx's default transport.
-* ``httpx``: httpx with its default (httpcore) transport.
-* ``httpx-aiohttp``: httpx's API over the ``httpx-aiohttp`` transport.
+* ``httpx``: httpx with its default (httpcore) transport, the documented alternative.
 
 Rule 1: bytes pass unchanged. No client adds headers of its own beyond ``Host`` and ``Content-Length``
         (which describe the same body), and none decompresses the response.
@@ -203,7 +202,7 @@ class _HttpxResponse:
             async for chunk in self._response.aiter_raw():
                 if len(chunk) <= MAX_CHUNK:
                     yield chunk
-                else:  # the httpx-aiohttp transport hands on whole reads
+                else:  # a read larger than meter hands on in one piece (meter.tap.observer, Rule 6)
                     async for piece in _sliced(chunk):
                         yield piece
         except httpx.TimeoutException as exc:
@@ -217,9 +216,7 @@ class _HttpxResponse:
 
 
 class HttpxUpstream:
-    def __init__(
-        self, *, connect_timeout: float, read_timeout: float, max_connections: int, aiohttp_transport: bool
-    ) -> None:
+    def __init__(self, *, connect_timeout: float, read_timeout: float, max_connections: int) -> None:
         import httpx
 
         self._timeout = httpx.Timeout(
@@ -228,19 +225,12 @@ class HttpxUpstream:
         self._limits = httpx.Limits(
             max_connections=max_connections, max_keepalive_connections=max_connections
         )
-        self._aiohttp_transport = aiohttp_transport
         self._client: httpx.AsyncClient | None = None
 
     async def start(self) -> None:
         import httpx
 
-        transport: httpx.AsyncBaseTransport
-        if self._aiohttp_transport:
-            from httpx_aiohttp import AiohttpTransport
-
-            transport = AiohttpTransport(limits=self._limits)
-        else:
-            transport = httpx.AsyncHTTPTransport(limits=self._limits)
+        transport = httpx.AsyncHTTPTransport(limits=self._limits)
         self._client = httpx.AsyncClient(transport=transport, timeout=self._timeout, follow_redirects=False)
 
     async def send(
@@ -257,9 +247,6 @@ class HttpxUpstream:
         try:
             response = await self._client.send(request, stream=True)
         except httpx.TimeoutException as exc:
-            if isinstance(exc.__cause__, aiohttp.ClientConnectorError):
-                # httpx-aiohttp maps a refused connection to ConnectTimeout; it is not a timeout.
-                raise UpstreamUnreachable(f"cannot reach upstream: {_describe(exc)}") from exc
             raise UpstreamTimeout(f"upstream did not respond in time: {_describe(exc)}") from exc
         except httpx.RemoteProtocolError as exc:
             raise UpstreamProtocolError(f"upstream sent an invalid HTTP response: {_describe(exc)}") from exc
@@ -283,12 +270,9 @@ def create_upstream(
         return AiohttpUpstream(
             connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections
         )
-    if client in {"httpx", "httpx-aiohttp"}:
+    if client == "httpx":
         return HttpxUpstream(
-            connect_timeout=connect_timeout,
-            read_timeout=read_timeout,
-            max_connections=max_connections,
-            aiohttp_transport=client == "httpx-aiohttp",
+            connect_timeout=connect_timeout, read_timeout=read_timeout, max_connections=max_connections
         )
     raise ValueError(f"unknown upstream client {client!r}")
 

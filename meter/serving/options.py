@@ -4,12 +4,11 @@ Whoever can reach meter's port can open connections and send nothing, send a req
 minute, or send megabytes of headers. uvicorn's httptools protocol bounds none of these (its one timer is
 the keep-alive timer, armed after a response), so meter's uvicorn runs
 :class:`meter.serving.guard.GuardedHttpToolsProtocol` with the
-:class:`~meter.serving.limits.ConnectionLimits`; what each
-limit does is that module's rules. granian enforces what its HTTP/1 settings offer
-(:func:`granian_options` says what that leaves out).
+:class:`~meter.serving.limits.ConnectionLimits`; what each limit does is that module's rules.
 
-:func:`uvicorn_options` and :func:`granian_options` are the one description of how each server runs
-meter: the CLI passes them on, and tests that need meter's real serving edge use them too.
+:func:`uvicorn_options` is the one description of how the server runs meter: the CLI passes its
+options on, and tests that need meter's real serving edge use them too. (uvicorn is the one server:
+granian, measured beside it, was slower and could enforce only part of the limits.)
 """
 
 from __future__ import annotations
@@ -56,43 +55,6 @@ def uvicorn_options(settings: Settings) -> dict[str, Any]:
         "timeout_keep_alive": math.ceil(settings.client_keepalive_timeout),
         "timeout_graceful_shutdown": int(settings.shutdown_grace),
         "backlog": 4096,
-    }
-
-
-# hyper's smallest allowed read buffer (granian refuses less)
-GRANIAN_MIN_BUFFER = 8192
-
-
-def granian_options(settings: Settings) -> dict[str, Any]:
-    """Keyword arguments for ``granian.Granian``: everything but the target, the address, the workers and
-    logging.
-
-    What granian 2.8's HTTP/1 server (hyper) does with them, as measured:
-
-    * head size: ``max_buffer_size`` (at least 8 KiB) is the buffer a head must fit into; past it 431;
-    * header count: hyper's fixed 100, whatever METER_MAX_REQUEST_HEADERS says; past it 431;
-    * head deadline: ``header_read_timeout`` runs from a head's first byte, then a plain close (no 408);
-      it also runs from the end of a response, so it is the keep-alive timeout too
-      (METER_CLIENT_KEEPALIVE_TIMEOUT is not applied);
-    * a connection that never sends a byte is never closed;
-    * a client that stops reading a response keeps its connection (METER_CLIENT_SEND_TIMEOUT is not
-      applied: still open after 8 s with 1 s);
-    * connections: ``backpressure`` is the connections a worker holds at once; one more waits,
-      unanswered, in the listen backlog until a slot frees (no 503). Silent connections keep their slots
-      for good, so ``backpressure`` of them lock meter out.
-
-    Refusals are hyper's, with empty bodies, not the OpenAI error shape.
-    """
-    from granian.http import HTTP1Settings
-
-    return {
-        "http1_settings": HTTP1Settings(
-            header_read_timeout=max(1, round(settings.client_header_timeout * 1000)),
-            keep_alive=True,
-            max_buffer_size=max(GRANIAN_MIN_BUFFER, settings.max_request_head_bytes),
-        ),
-        "backpressure": settings.max_client_connections,
-        "workers_kill_timeout": int(settings.shutdown_grace),
     }
 
 
